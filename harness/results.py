@@ -1,0 +1,107 @@
+"""results.json (written as soon as each phase exists, atomically) and the printed summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: inf/nan become null, tuples lists, keys strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+class ResultsFile:
+    """The job's results.json. Every update rewrites it whole (temp file + rename), so a crash or an
+    out-of-memory error later in the run never loses the phases already measured."""
+
+    def __init__(self, path: Path, config: dict[str, Any], overrides: list[str]) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"status": "running", "error": None, "config": config, "overrides": overrides}
+        self.write()
+
+    def update(self, **sections: Any) -> None:
+        self.data.update(sections)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(_clean(self.data), indent=2))
+        os.replace(tmp, self.path)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The prototype's RESULTS SUMMARY, side by side, every figure with its unit."""
+    cfg, base, comp = results["config"], results.get("baseline"), results.get("compressed")
+    cmp_ = results.get("comparison", {})
+    rows: list[tuple[str, str, str]] = []
+
+    def row(label: str, key, fmt=str) -> None:
+        def get(phase):
+            if phase is None:
+                return "-"
+            v = key(phase) if callable(key) else phase.get(key)
+            return "-" if v is None else fmt(v)
+
+        rows.append((label, get(base), get(comp)))
+
+    n = base["repeats"] if base else 0
+    row(f"time (median of {n})", "time_s", lambda v: f"{v:.3f} s")
+    row("time min-max", lambda p: (p["time_s_min"], p["time_s_max"]), lambda v: f"{v[0]:.3f}-{v[1]:.3f} s")
+    row("tokens/s", "tokens_per_s", lambda v: f"{v:.2f}")
+    row("forward passes", "forward_passes")
+    mem_kind = (base or comp or {}).get("memory", {}).get("kind", "")
+    for label, k in (("before", "before_bytes"), ("after", "after_bytes"), ("peak", "peak_bytes"), ("delta", "delta_bytes")):
+        row(f"memory {label} ({mem_kind})", lambda p, k=k: p["memory"][k], _mb)
+    row("weights held (exact)", lambda p: p["memory"]["weights_bytes"], _mb)
+    row("decompressions", "decompressions")
+    row("decompressions / pass", "decompressions_per_forward_pass", lambda v: f"{v:.1f}")
+    row("decompress time", "decompress_time_s", lambda v: f"{v:.3f} s")
+    row("peak decompressed resident", "peak_resident_decompressed_bytes", _mb)
+
+    c = cfg.get("compress", {})
+    title = (
+        f"model {cfg.get('model', {}).get('name')} | codec {c.get('codec')} (level {c.get('level')}) | "
+        f"cache {cfg.get('cache', {}).get('name')} | device {results.get('device', cfg.get('device'))}"
+    )
+    w = max(len(r[0]) for r in rows) + 2
+    lines = ["=" * 72, "RESULTS SUMMARY".center(72), title, "=" * 72, f"{'':<{w}}{'baseline':>18}{'compressed':>22}"]
+    lines += [f"{label:<{w}}{b:>18}{cv:>22}" for label, b, cv in rows]
+    lines.append("-" * 72)
+    if comp:
+        lines.append(f"{'layers compressed':<{w}}{comp['layers_compressed']}/{comp['layers_total']}")
+        lines.append(
+            f"{'compression ratio':<{w}}{comp['compression_ratio']:.3f}x  "
+            f"({_mb(comp['original_bytes'])} -> {_mb(comp['compressed_bytes'])}, {comp['compress_time_s']:.2f} s)"
+        )
+    if cmp_:
+        lines.append(f"{'slowdown':<{w}}{cmp_['slowdown']:.2f}x")
+        lines.append(f"{'peak memory ratio':<{w}}{cmp_['peak_memory_ratio']:.3f}  ({mem_kind})")
+        lines.append(f"{'weights held ratio':<{w}}{cmp_['weights_bytes_ratio']:.3f}  (exact)")
+        mark = "✓" if cmp_["outputs_match"] else "✗"
+        diff = cmp_["max_abs_logit_diff"]
+        lines.append(
+            f"{'outputs match':<{w}}{mark}  (token ids {'equal' if cmp_['token_ids_match'] else 'DIFFER'}, "
+            f"logits {'bit-identical' if cmp_['logits_equal'] else 'DIFFER'}, max |dlogit| {diff if diff is not None else 'n/a'})"
+        )
+    fid = results.get("fidelity")
+    if fid:
+        lines.append(f"{'fidelity (lm-eval)':<{w}}{fid['verdict']}")
+    if results.get("status") == "failed":
+        lines.append(f"FAILED: {results.get('error')}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

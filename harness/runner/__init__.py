@@ -1,0 +1,1 @@
+"""Lightning runner: the generation module, the phase callbacks and the phase loop."""

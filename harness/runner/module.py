@@ -1,0 +1,61 @@
+"""The LightningModule: greedy generation in predict_step, forward-pass boundaries dispatched to callbacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+
+from harness.generation import Generation, greedy_generate
+from harness.measure import MemoryReading
+
+
+@dataclass
+class PhaseRecord:
+    """What the callbacks measured during one phase (one Trainer.predict call)."""
+
+    warmup: list[bool] = field(default_factory=list)  # per generation
+    times_s: list[float] = field(default_factory=list)
+    forward_passes: list[int] = field(default_factory=list)
+    runtime_stats: list[dict[str, Any]] = field(default_factory=list)  # per generation, compressed phase only
+    memory: MemoryReading | None = None
+    passes_in_flight: int = 0
+
+
+class GenerationModule(L.LightningModule):
+    """Wraps an HF causal LM. One predict batch = one greedy generation of every prompt (batched)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, min_new_tokens: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.runtime = None  # the CompressedRuntime during the compressed phase
+        self.phase = "baseline"
+        self.record = PhaseRecord()
+        self._predicting = False  # dispatch only inside Trainer.predict (lm-eval runs the model outside it)
+        # One top-level forward = one generation step = one forward pass; callbacks see its boundaries.
+        model.register_forward_pre_hook(lambda *_: self._dispatch("on_forward_pass_start"))
+        model.register_forward_hook(lambda *_: self._dispatch("on_forward_pass_end"))
+
+    def on_predict_start(self) -> None:
+        self._predicting = True
+
+    def on_predict_end(self) -> None:
+        self._predicting = False
+
+    def _dispatch(self, hook: str) -> None:
+        trainer = self._trainer
+        if trainer is None or not self._predicting:
+            return
+        for callback in trainer.callbacks:
+            fn = getattr(callback, hook, None)
+            if fn is not None:
+                fn(trainer, self)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Generation:
+        return greedy_generate(
+            self.model, self.tokenizer, batch["prompts"], self.max_new_tokens, min_new_tokens=self.min_new_tokens
+        )

@@ -1,0 +1,113 @@
+"""One phase (baseline or compressed): warm-up + timed repeats of the same generation through Trainer.predict."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from harness.generation import Generation
+from harness.measure import MemoryReading, model_weight_bytes, spread
+from harness.runner.module import GenerationModule, PhaseRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    record: PhaseRecord
+    generation: Generation  # the last timed repeat's output
+    outputs_stable: bool  # every repeat produced the same tokens
+    weights_bytes: int  # exact bytes the model holds densely + compressed bytes (no decompressed cache)
+
+    @property
+    def timed(self) -> list[int]:
+        return [i for i, w in enumerate(self.record.warmup) if not w]
+
+    @property
+    def memory(self) -> MemoryReading:
+        return self.record.memory
+
+    def counts(self) -> dict[str, Any]:
+        """Counts of one generation; repeats must agree (checked, and reported if they do not)."""
+        passes = {self.record.forward_passes[i] for i in self.timed}
+        out: dict[str, Any] = {"forward_passes": self.record.forward_passes[self.timed[-1]], "counts_consistent": len(passes) == 1}
+        if self.record.runtime_stats:
+            stats = [self.record.runtime_stats[i] for i in self.timed]
+            keys = ("decompressions", "decompressions_per_layer")
+            out["counts_consistent"] &= all(s[k] == stats[-1][k] for s in stats for k in keys)
+            out.update(stats[-1])
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        times = spread([self.record.times_s[i] for i in self.timed])
+        new_tokens = sum(len(ids) for ids in self.generation.new_token_ids)
+        return {
+            "time_s": times["median"],
+            "time_s_min": times["min"],
+            "time_s_max": times["max"],
+            "repeats": len(self.timed),
+            "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / times["median"] if times["median"] > 0 else 0.0,
+            **self.counts(),
+            "memory": {**self.memory.as_dict(), "weights_bytes": self.weights_bytes},
+            "outputs_stable": self.outputs_stable,
+            "output_texts": self.generation.texts,
+            "output_token_ids": self.generation.new_token_ids,
+        }
+
+
+def run_phase(
+    name: str,
+    module: GenerationModule,
+    callbacks: list[L.Callback],
+    prompts: list[str],
+    repeats: int,
+    warmup: int,
+    accelerator: str,
+    logger: Any = False,
+    progress: bool = True,
+) -> PhaseResult:
+    module.phase = name
+    module.record = PhaseRecord()
+    batches = [{"prompts": list(prompts), "warmup": i < warmup} for i in range(warmup + repeats)]
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        inference_mode=True,
+    )
+    log.info("phase %s: %d warm-up + %d timed generations of %d prompt(s)", name, warmup, repeats, len(prompts))
+    outputs: list[Generation] = trainer.predict(module, dataloaders=DataLoader(batches, batch_size=None))
+    timed = [g for g, w in zip(outputs, module.record.warmup, strict=True) if not w]
+    stable = all(g.new_token_ids == timed[-1].new_token_ids for g in timed)
+    weights = model_weight_bytes(module.model)
+    if module.runtime is not None:
+        weights += module.runtime.report.compressed_bytes
+    return PhaseResult(name, module.record, timed[-1], stable, weights)
+
+
+def compare(baseline: PhaseResult, compressed: PhaseResult) -> dict[str, Any]:
+    a, b = baseline.generation, compressed.generation
+    same_shape = a.logits.shape == b.logits.shape
+    diff = (a.logits.float() - b.logits.float()).abs().max().item() if same_shape else float("inf")
+    tokens_match = a.new_token_ids == b.new_token_ids
+    base_t, comp_t = baseline.as_dict()["time_s"], compressed.as_dict()["time_s"]
+    return {
+        "slowdown": comp_t / base_t if base_t > 0 else float("inf"),
+        "peak_memory_ratio": compressed.memory.peak_bytes / baseline.memory.peak_bytes,
+        "weights_bytes_ratio": compressed.weights_bytes / baseline.weights_bytes,
+        "token_ids_match": tokens_match,
+        "logits_equal": bool(same_shape and torch.equal(a.logits, b.logits)),
+        "outputs_match": bool(tokens_match and same_shape and torch.equal(a.logits, b.logits)),
+        "max_abs_logit_diff": diff,
+    }

@@ -1,0 +1,17 @@
+"""Runtime: compressed linear layers served through a cache policy, with exact counters."""
+
+from harness.runtime.layer import CompressedLinear
+from harness.runtime.policies import POLICIES, CachePolicy, make_policy
+from harness.runtime.runtime import CompressedRuntime, CompressionReport, compress_model
+from harness.runtime.stats import Stats
+
+__all__ = [
+    "POLICIES",
+    "CachePolicy",
+    "CompressedLinear",
+    "CompressedRuntime",
+    "CompressionReport",
+    "Stats",
+    "compress_model",
+    "make_policy",
+]

@@ -1,0 +1,213 @@
+"""Cache policies: when a compressed layer's dense weight is decompressed, and how long it is kept.
+
+All policies share one small interface; they differ only where their behaviour differs:
+    acquire(layer, device) -> weight     the layer's forward needs its dense weight now
+    release(layer, weight)               the layer's forward is done with it
+    begin_pass() / end_pass()            one top-level forward pass (one generation step) starts / ends
+    clear()                              drop everything (end of a generation); waits for work in flight
+Decompression itself (and its exact accounting) is the runtime's `decompress` / `drop`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from harness.errors import HarnessError
+from harness.registry import Registry
+
+if TYPE_CHECKING:
+    from harness.runtime.layer import CompressedLinear
+    from harness.runtime.runtime import CompressedRuntime
+
+POLICIES: Registry[type[CachePolicy]] = Registry("cache policy")
+
+
+class CachePolicy:
+    name: ClassVar[str]
+
+    def __init__(self, runtime: CompressedRuntime) -> None:
+        self.runtime = runtime
+
+    def acquire(self, layer: CompressedLinear, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self, layer: CompressedLinear, weight: torch.Tensor) -> None:
+        pass
+
+    def begin_pass(self) -> None:
+        pass
+
+    def end_pass(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.clear()
+
+
+@POLICIES.register("none")
+class NoCache(CachePolicy):
+    """Decompress at every use; nothing outlives the layer's forward."""
+
+    name = "none"
+
+    def acquire(self, layer, device):
+        return self.runtime.decompress(layer, device)
+
+    def release(self, layer, weight):
+        self.runtime.drop(layer)
+
+
+class _Keeping(CachePolicy):
+    """Shared by the policies that keep decompressed weights in a dict keyed by layer index."""
+
+    def __init__(self, runtime: CompressedRuntime) -> None:
+        super().__init__(runtime)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def acquire(self, layer, device):
+        w = self._cache.get(layer.index)
+        if w is None:
+            self._make_room(layer)
+            w = self._cache[layer.index] = self.runtime.decompress(layer, device)
+        else:
+            self._cache.move_to_end(layer.index)
+        return w
+
+    def _make_room(self, layer: CompressedLinear) -> None:
+        pass
+
+    def _evict(self, index: int) -> None:
+        del self._cache[index]
+        self.runtime.drop(self.runtime.layers[index])
+
+    def clear(self):
+        for index in list(self._cache):
+            self._evict(index)
+
+
+@POLICIES.register("per_forward_pass")
+class PerForwardPass(_Keeping):
+    """Decompress at the first use in a forward pass, reuse within it, drop all when the next pass starts."""
+
+    name = "per_forward_pass"
+
+    def begin_pass(self):
+        self.clear()
+
+
+@POLICIES.register("full")
+class Full(_Keeping):
+    """Keep every weight after its first use: the upper bound on memory, the lower bound on time."""
+
+    name = "full"
+
+
+@POLICIES.register("lru")
+class LRU(_Keeping):
+    """Keep decompressed weights within a byte budget, evicting the least recently used first."""
+
+    name = "lru"
+
+    def __init__(self, runtime: CompressedRuntime, budget_mb: float | None = None) -> None:
+        super().__init__(runtime)
+        if budget_mb is None or budget_mb <= 0:
+            raise HarnessError(f"cache.budget_mb={budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
+        self.budget_bytes = int(budget_mb * 1e6)
+        largest = max(runtime.layers, key=lambda layer: layer.weight_nbytes, default=None)
+        if largest is not None and largest.weight_nbytes > self.budget_bytes:
+            need_mb = largest.weight_nbytes / 1e6
+            raise HarnessError(
+                f"cache.budget_mb={budget_mb} is smaller than the largest compressed layer "
+                f"({largest.name}: {need_mb:.2f} MB); use cache.budget_mb>={need_mb:.2f}"
+            )
+        self._cached_bytes = 0
+
+    def _make_room(self, layer):
+        while self._cache and self._cached_bytes + layer.weight_nbytes > self.budget_bytes:
+            self._evict(next(iter(self._cache)))  # OrderedDict front = least recently used
+        self._cached_bytes += layer.weight_nbytes
+
+    def _evict(self, index):
+        self._cached_bytes -= self.runtime.layers[index].weight_nbytes
+        super()._evict(index)
+
+
+@POLICIES.register("prefetch")
+class Prefetch(CachePolicy):
+    """While a layer runs, decompress the next `depth` layers (in the order seen in the previous pass) on a
+    worker thread. Each weight is used once and dropped, as with `none`; the first pass has no order yet and
+    decompresses synchronously. Prefetches run across the pass boundary (into the next step's first layers),
+    so a generation of P >= 2 passes over L layers decompresses exactly L*P + depth times."""
+
+    name = "prefetch"
+
+    def __init__(self, runtime: CompressedRuntime, depth: int = 2, workers: int = 1) -> None:
+        super().__init__(runtime)
+        if depth < 1:
+            raise HarnessError(f"cache.depth={depth} is invalid; prefetch needs depth >= 1")
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch")
+        self._pending: dict[int, Future] = {}
+        self._previous_order: list[int] = []
+        self._order: list[int] = []
+
+    def begin_pass(self):
+        if self._order:
+            self._previous_order = self._order
+        self._order = []
+
+    def acquire(self, layer, device):
+        self._order.append(layer.index)
+        future = self._pending.pop(layer.index, None)
+        self._schedule_after(len(self._order) - 1, layer.index, device)  # first, so the worker stays busy
+        if future is not None:
+            return future.result()
+        return self.runtime.decompress(layer, device)
+
+    def _schedule_after(self, position: int, current: int, device: torch.device) -> None:
+        order = self._previous_order
+        if not order:
+            return
+        for j in range(position + 1, position + 1 + self.depth):
+            index = order[j % len(order)]  # past the end: the next pass's first layers
+            if index == current or index in self._pending:
+                continue
+            layer = self.runtime.layers[index]
+            self._pending[index] = self._pool.submit(self.runtime.decompress, layer, device)
+
+    def release(self, layer, weight):
+        self.runtime.drop(layer)
+
+    def clear(self):
+        # Wait rather than cancel: every decompression that was started is counted, so counts stay exact.
+        pending, self._pending = self._pending, {}
+        self._previous_order, self._order = [], []
+        error = None
+        for index, future in pending.items():
+            try:
+                future.result()
+            except Exception as e:  # a failed decompression holds nothing; report the first failure
+                error = error or e
+            else:
+                self.runtime.drop(self.runtime.layers[index])
+        if error is not None:
+            raise error
+
+    def close(self):
+        self.clear()
+        self._pool.shutdown(wait=True)
+
+
+def make_policy(name: str, runtime: CompressedRuntime, **options: Any) -> CachePolicy:
+    cls = POLICIES.get(name)
+    try:
+        return cls(runtime, **options)
+    except TypeError as e:  # an option this policy does not take
+        raise HarnessError(f"cache={name}: {e}") from None

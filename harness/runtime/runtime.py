@@ -1,0 +1,197 @@
+"""Compress a model's selected linear layers in place and serve their weights through a cache policy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.codecs.base import Codec, checksum
+from harness.errors import HarnessError, IntegrityError
+from harness.runtime.layer import CompressedLinear
+from harness.runtime.policies import CachePolicy, make_policy
+from harness.runtime.stats import Stats
+from harness.selection import Selection, select_layers
+
+VERIFY_MODES = ("first", "always", "never")
+
+
+@dataclass
+class CompressionReport:
+    layers_compressed: int
+    layers_total: int
+    original_bytes: int
+    compressed_bytes: int
+    compress_time_s: float
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.original_bytes / self.compressed_bytes if self.compressed_bytes else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "layers_compressed": self.layers_compressed,
+            "layers_total": self.layers_total,
+            "original_bytes": self.original_bytes,
+            "compressed_bytes": self.compressed_bytes,
+            "compression_ratio": self.compression_ratio,
+            "compress_time_s": self.compress_time_s,
+            "skipped_layers": self.skipped,
+        }
+
+
+class CompressedRuntime:
+    """Owns the compressed layers, the codec, the cache policy and the counters of one compressed model."""
+
+    def __init__(self, codec: Codec, verify: str = "first") -> None:
+        if verify not in VERIFY_MODES:
+            raise HarnessError(f"compress.verify={verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
+        self.codec = codec
+        self.verify = verify
+        self.layers: list[CompressedLinear] = []
+        self.stats = Stats()
+        self.policy: CachePolicy | None = None
+        self.report: CompressionReport | None = None
+        self._verified: set[int] = set()
+        self._hooks: list[Any] = []
+
+    # -- the two operations every policy is built from ------------------------------------------------------
+    def decompress(self, layer: CompressedLinear, device: torch.device) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            w = self.codec.decode(layer.ct)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # a codec that cannot parse its own bytes: corruption, not a user error
+            raise IntegrityError(f"layer {layer.name}: cannot decompress its weight ({e}); the compressed bytes are corrupted") from e
+        if self.verify == "always" or (self.verify == "first" and layer.index not in self._verified):
+            if checksum(w) != layer.ct.checksum:
+                raise IntegrityError(
+                    f"layer {layer.name}: decompressed weight fails its checksum; the compressed bytes are corrupted"
+                )
+            self._verified.add(layer.index)
+        if w.device != device:
+            w = w.to(device)
+        self.stats.count_decompression(layer.name, layer.weight_nbytes, time.perf_counter() - start)
+        self.stats.hold(layer.weight_nbytes)
+        return w
+
+    def drop(self, layer: CompressedLinear) -> None:
+        self.stats.unhold(layer.weight_nbytes)
+
+    # -- forward-pass boundaries ------------------------------------------------------------------------------
+    def begin_pass(self) -> None:
+        self.stats.begin_pass()
+        self.policy.begin_pass()
+
+    def end_pass(self) -> None:
+        self.policy.end_pass()
+
+    def end_generation(self) -> None:
+        """Drop every cached weight (each generation starts cold, so repeats count the same)."""
+        self.policy.clear()
+
+    def attach(self, model: nn.Module) -> None:
+        """Count forward passes with hooks on the top-level model (for use without the Lightning runner)."""
+        self._hooks.append(model.register_forward_pre_hook(lambda *_: self.begin_pass()))
+        self._hooks.append(model.register_forward_hook(lambda *_: self.end_pass()))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def set_policy(self, name: str, **options: Any) -> None:
+        if self.policy is not None:
+            self.policy.close()
+        self.policy = make_policy(name, self, **options)
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    def close(self) -> None:
+        if self.policy is not None:
+            self.policy.close()
+        self.detach()
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        per_layer = self.stats.decompressions_per_layer
+        return [
+            {
+                "name": layer.name,
+                "shape": list(layer.ct.shape),
+                "dtype": layer.ct.dtype,
+                "original_bytes": layer.ct.original_nbytes,
+                "compressed_bytes": layer.ct.compressed_nbytes,
+                "ratio": layer.ct.ratio,
+                "decompressions": per_layer.get(layer.name, 0),
+            }
+            for layer in self.layers
+        ]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def compress_model(
+    model: nn.Module,
+    codec: Codec,
+    selection: Selection | None = None,
+    policy: str = "per_forward_pass",
+    policy_options: dict[str, Any] | None = None,
+    verify: str = "first",
+    attach: bool = True,
+    progress: bool = True,
+    **select_kwargs: Any,
+) -> CompressedRuntime:
+    """Swap the selected linear layers of `model` (in place) for CompressedLinear and return their runtime.
+
+    The dense weights are released: after this the model holds only the compressed bytes of those layers.
+    `select_kwargs` (layers, order, include, exclude) are passed to `select_layers` when no selection is given.
+    """
+    if selection is None:
+        selection = select_layers(model, **select_kwargs)
+    runtime = CompressedRuntime(codec, verify=verify)
+    conv1d = type(None)
+    try:
+        from transformers.pytorch_utils import Conv1D as conv1d
+    except ImportError:  # pragma: no cover
+        pass
+
+    original = compressed = 0
+    start = time.perf_counter()
+    candidates: Iterable = selection.chosen
+    if progress and selection.chosen:
+        candidates = tqdm(selection.chosen, desc=f"compressing ({codec.name})", unit="layer", leave=False)
+    for cand in candidates:
+        module = cand.module
+        with torch.no_grad():
+            ct = codec.encode(module.weight.detach())
+        layer = CompressedLinear(cand.name, ct, module.bias, runtime, transposed=isinstance(module, conv1d))
+        layer.index = len(runtime.layers)
+        runtime.layers.append(layer)
+        _replace(model, cand.name, layer)
+        module.weight = None  # release the dense weight now, even if someone still holds the old module
+        original += ct.original_nbytes
+        compressed += ct.compressed_nbytes
+    runtime.report = CompressionReport(
+        layers_compressed=len(runtime.layers),
+        layers_total=selection.total,
+        original_bytes=original,
+        compressed_bytes=compressed,
+        compress_time_s=time.perf_counter() - start,
+        skipped=selection.skipped,
+    )
+    runtime.set_policy(policy, **(policy_options or {}))
+    if attach:
+        runtime.attach(model)
+    return runtime

@@ -1,0 +1,70 @@
+"""Exact counters for one phase of compressed inference. Thread-safe: prefetch workers update them too."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    forward_passes: int = 0
+    decompressions: int = 0
+    decompressions_per_layer: Counter = field(default_factory=Counter)
+    decompressions_per_pass: list[int] = field(default_factory=list)
+    decompress_time_s: float = 0.0
+    bytes_decompressed: int = 0
+    resident_bytes: int = 0  # decompressed weights alive right now
+    peak_resident_bytes: int = 0
+    verifications: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def begin_pass(self) -> None:
+        with self._lock:
+            self.forward_passes += 1
+            self.decompressions_per_pass.append(0)
+
+    def count_decompression(self, layer: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.decompressions += 1
+            self.decompressions_per_layer[layer] += 1
+            if self.decompressions_per_pass:  # work before the first pass (none today) has no pass to go to
+                self.decompressions_per_pass[-1] += 1
+            self.decompress_time_s += seconds
+            self.bytes_decompressed += nbytes
+
+    def hold(self, nbytes: int) -> None:
+        with self._lock:
+            self.resident_bytes += nbytes
+            self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    def unhold(self, nbytes: int) -> None:
+        with self._lock:
+            self.resident_bytes -= nbytes
+
+    def reset(self) -> None:
+        """Zero every counter; bytes still resident stay counted (they are still alive)."""
+        with self._lock:
+            self.forward_passes = 0
+            self.decompressions = 0
+            self.decompressions_per_layer = Counter()
+            self.decompressions_per_pass = []
+            self.decompress_time_s = 0.0
+            self.bytes_decompressed = 0
+            self.peak_resident_bytes = self.resident_bytes
+            self.verifications = 0
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            passes = self.forward_passes
+            return {
+                "forward_passes": passes,
+                "decompressions": self.decompressions,
+                "decompressions_per_forward_pass": self.decompressions / passes if passes else 0.0,
+                "decompressions_per_pass": list(self.decompressions_per_pass),
+                "decompressions_per_layer": dict(self.decompressions_per_layer),
+                "decompress_time_s": self.decompress_time_s,
+                "bytes_decompressed": self.bytes_decompressed,
+                "peak_resident_decompressed_bytes": self.peak_resident_bytes,
+            }

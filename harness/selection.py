@@ -1,0 +1,133 @@
+"""Which weight-bearing linear layers to compress: a count with an order, or all, filtered by regexes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from harness.errors import HarnessError
+
+ORDERS = ("first", "last", "largest")
+
+
+def _conv1d_type() -> type | None:
+    try:  # the GPT-2 family's transposed linear layer
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it today
+        return None
+    return Conv1D
+
+
+def is_weight_linear(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+@dataclass
+class Candidate:
+    name: str
+    module: nn.Module
+
+    @property
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+    @property
+    def nbytes(self) -> int:
+        w = self.module.weight
+        return w.numel() * w.element_size()
+
+
+@dataclass
+class Selection:
+    chosen: list[Candidate]
+    total: int  # every weight-bearing linear layer in the model (Y of "X/Y")
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be compressed
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.chosen]
+
+
+def _tied_owner(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> the first module path that owns it (shared parameters appear under several names)."""
+    owners: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), name)
+    return owners
+
+
+def _parse_count(layers: int | str) -> int | None:
+    """None means all."""
+    if isinstance(layers, str):
+        if layers.strip().lower() == "all":
+            return None
+        try:
+            layers = int(layers)
+        except ValueError:
+            raise HarnessError(f"compress.layers={layers!r} is not a count; use an integer >= 0 or 'all'") from None
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise HarnessError(f"compress.layers={layers!r} is invalid; use an integer >= 0 or 'all'")
+    return layers
+
+
+def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise HarnessError(f"compress.{what} regex {p!r} is invalid: {e}") from None
+    return out
+
+
+def select_layers(
+    model: nn.Module,
+    layers: int | str = "all",
+    order: str = "first",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> Selection:
+    if order not in ORDERS:
+        raise HarnessError(f"compress.order={order!r} is invalid; valid: {', '.join(ORDERS)}")
+    count = _parse_count(layers)
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+
+    owners = _tied_owner(model)
+    all_linear = [(n, m) for n, m in model.named_modules() if is_weight_linear(m)]
+    eligible: list[Candidate] = []
+    skipped: dict[str, str] = {}
+    for name, module in all_linear:
+        owner = owners.get(id(module.weight), f"{name}.weight")
+        if owner != f"{name}.weight":
+            skipped[name] = f"weight tied to {owner} (compressing it would leave the other user dense)"
+            continue
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if exc and any(p.search(name) for p in exc):
+            continue
+        eligible.append(Candidate(name, module))
+
+    if count is None:
+        count = len(eligible)
+    if count > len(eligible):
+        why = f" ({len(skipped)} tied layer(s) skipped)" if skipped else ""
+        raise HarnessError(
+            f"compress.layers={count} but only {len(eligible)} of {len(all_linear)} linear layers are eligible{why}; "
+            f"use at most {len(eligible)} or 'all'"
+        )
+    if order == "first":
+        chosen = eligible[:count]
+    elif order == "last":
+        chosen = eligible[len(eligible) - count :]
+    else:  # largest first; ties keep model order (sorted is stable)
+        picked = set(id(c) for c in sorted(eligible, key=lambda c: -c.numel)[:count])
+        chosen = [c for c in eligible if id(c) in picked]
+    return Selection(chosen=chosen, total=len(all_linear), skipped=skipped)

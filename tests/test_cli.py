@@ -1,0 +1,72 @@
+"""`python -m harness` as a user runs it: smoke runs on the tiny model, W&B offline files, bad input."""
+
+import json
+
+import pytest
+
+TINY = ["model=tiny", "generate.max_new_tokens=4", "generate.min_new_tokens=4", "generate.repeats=2"]
+LINEARS = 15  # tiny Llama: 2 blocks x 7 + lm_head
+
+
+def test_smoke_run_writes_results_with_exact_counts(harness_cli, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = harness_cli([*TINY, "logger=none", "compress.layers=all", "cache=per_forward_pass", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULTS SUMMARY" in proc.stdout and "outputs match" in proc.stdout
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "completed" and res["error"] is None
+    for phase in ("baseline", "compressed"):
+        for key in ("time_s", "tokens_per_s", "forward_passes", "memory", "output_texts", "output_token_ids"):
+            assert key in res[phase], (phase, key)
+        assert set(res[phase]["memory"]) >= {"kind", "before_bytes", "after_bytes", "peak_bytes", "delta_bytes"}
+        assert res[phase]["forward_passes"] == 4
+    comp = res["compressed"]
+    for key in ("decompressions", "decompressions_per_forward_pass", "decompress_time_s", "layers_compressed",
+                "layers_total", "original_bytes", "compressed_bytes", "compression_ratio", "compress_time_s",
+                "peak_resident_decompressed_bytes"):
+        assert key in comp, key
+    assert comp["layers_compressed"] == comp["layers_total"] == LINEARS
+    assert comp["decompressions"] == LINEARS * 4 and comp["decompressions_per_forward_pass"] == LINEARS
+    assert comp["counts_consistent"] and comp["original_bytes"] > comp["compressed_bytes"] > 0
+    assert set(res["comparison"]) >= {"slowdown", "peak_memory_ratio", "outputs_match", "max_abs_logit_diff"}
+    assert res["comparison"]["outputs_match"] is True and res["comparison"]["max_abs_logit_diff"] == 0
+    assert res["config"]["model"]["name"] == "tiny" and not (run_dir / "wandb").exists()
+
+
+def test_wandb_offline_run_files(harness_cli, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = harness_cli([*TINY, "logger=wandb", "compress.layers=3", "cache=full", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "no offline W&B run written"
+    assert "wandb sync" in proc.stdout
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["compressed"]["decompressions"] == 3  # full: once per layer
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("compress.layers=999", "use at most 15"),
+        ("compress.codec=zstd_grouppd", "Did you mean 'zstd_grouped'"),
+        ("cache.budget_mb=0", "cache.budget_mb=0 is invalid"),
+        ("device=cuda", "torch.cuda.is_available() is False"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(harness_cli, tmp_path, override, message):
+    args = [*TINY, "logger=none", override, f"hydra.run.dir={tmp_path / 'run'}"]
+    if override.startswith("cache."):
+        args.insert(0, "cache=lru")
+    proc = harness_cli(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err_lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and message in err_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["status"] == "failed" and message in res["error"]
+
+
+def test_unknown_group_option_names_the_choices(harness_cli, tmp_path):
+    proc = harness_cli(["cache=lru2", "logger=none"], tmp_path)
+    assert proc.returncode != 0
+    assert "cache" in proc.stderr and "per_forward_pass" in proc.stderr and "prefetch" in proc.stderr

@@ -1,0 +1,47 @@
+"""Hydra composition of every option of every group (no model is loaded)."""
+
+import pytest
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness.experiment import policy_options, validate
+
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
+
+
+def compose_with(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_every_group_has_options():
+    for group in ("model", "compress", "cache", "generate", "eval", "logger", "callbacks", "experiment"):
+        assert GROUPS.get(group), f"config group {group} has no options"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_validates(group, option):
+    extra = ["model.name_or_path=/some/model"] if (group, option) == ("model", "hf") else []
+    cfg = compose_with([f"{group}={option}", *extra])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    validate(cfg)
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = compose_with([])
+    assert cfg.model.name == "smollm2_135m"
+    assert cfg.compress.layers == 60 and cfg.cache.name == "per_forward_pass"
+    assert list(cfg.generate.prompts) == ["The capital of France is"] and cfg.generate.max_new_tokens == 10
+    assert cfg.eval.name == "none" and cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+
+
+def test_prototype_experiment_overlay():
+    cfg = compose_with(["experiment=prototype"])
+    assert cfg.compress.layers == 20 and cfg.compress.codec == "zstd" and cfg.cache.name == "per_forward_pass"
+
+
+def test_policy_options_come_from_the_cache_group():
+    assert policy_options(compose_with(["cache=lru", "cache.budget_mb=5"])) == {"budget_mb": 5}
+    assert policy_options(compose_with(["cache=prefetch"])) == {"depth": 2}
+    assert policy_options(compose_with(["cache=none"])) == {}
