@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness.codecs import make_codec
 from harness.errors import HarnessError
 from harness.fidelity import compare as compare_fidelity
 from harness.fidelity import per_sample_table
-from harness.models import load_model
+from harness.models import load_model, resolve_device
 from harness.results import ResultsFile, summary_table
 from harness.runner.module import GenerationModule
 from harness.runner.phase import compare, run_phase
@@ -28,16 +27,6 @@ from harness.selection import ORDERS, _parse_count
 from harness.tracking import make_tracker
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"device={name} requested but torch.cuda.is_available() is False; use device=auto or device=cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise HarnessError(f"device={name!r} is invalid; valid: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -160,14 +149,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         results.update(status="failed", error=one_line(e))
         raise
     finally:
-        print(summary_table(results.data), flush=True)
-        print(f"results: {results.path}", flush=True)
         if tracker is not None:
             try:
                 tracker.log_results(results.data, results.data.get("layers", []), fidelity_rows)
             except Exception as e:  # never lose the run over tracking
                 log.warning("W&B logging failed: %s", e)
             tracker.finish(failed=results.data["status"] != "completed")
-            if tracker.sync_command:
-                print(f"W&B offline run saved; upload with: {tracker.sync_command}", flush=True)
+        print(summary_table(results.data), flush=True)
+        print(f"results: {results.path}", flush=True)
+        if tracker is not None and tracker.sync_command:
+            print(f"W&B offline run saved; upload with: {tracker.sync_command}", flush=True)
     return results.data
