@@ -8,11 +8,15 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import difflib  # noqa: E402
 import logging  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
+from hydra.core.override_parser.types import ValueType  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -21,8 +25,6 @@ from harness.errors import HarnessError  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pathlib import Path
-
     from harness.experiment import run
 
     # Lightning's accelerator banners arrive twice through Hydra's root logger; keep its warnings only.
@@ -39,5 +41,42 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
+OTHER_CONFIG_SOURCES = ("-cp", "--config-path", "-cd", "--config-dir", "-cn", "--config-name", "--experimental-rerun")
+
+
+def unknown_group_option(args: list[str]) -> str | None:
+    """Hydra reports an unknown group option (cache=lru2) over several lines: say it in one, as for every other
+    bad input. Anything this does not understand (glob or range sweeps, another config source, a syntax error)
+    is left to Hydra."""
+    if any(a.split("=")[0] in OTHER_CONFIG_SOURCES or a.startswith("hydra.searchpath") for a in args):
+        return None
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:
+        return None
+    for o in overrides:
+        group = CONF / o.key_or_group
+        if o.key_or_group.startswith("hydra") or o.is_delete() or not group.is_dir():
+            continue
+        if o.value_type == ValueType.ELEMENT:
+            values = [o.value()]
+        elif o.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+            values = list(o.sweep_string_iterator())
+        else:
+            continue
+        options = sorted(p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml"))
+        for value in values:
+            if value is None or str(value) in (*options, "null"):
+                continue
+            close = difflib.get_close_matches(str(value), options, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            return f"unknown {o.key_or_group} option {str(value)!r}; valid: {', '.join(options)}.{hint}"
+    return None
+
+
 if __name__ == "__main__":
+    if (message := unknown_group_option(sys.argv[1:])) is not None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -13,16 +13,17 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from harness.artifacts import artifact_cache, compress_cached, model_identity
 from harness.codecs import make_codec
 from harness.errors import HarnessError
+from harness.fidelity import bundled_tasks, per_sample_table
 from harness.fidelity import compare as compare_fidelity
-from harness.fidelity import per_sample_table
 from harness.models import load_model, resolve_device
 from harness.results import ResultsFile, summary_table
 from harness.runner.module import GenerationModule
 from harness.runner.phase import compare, run_phase
-from harness.runtime import POLICIES, compress_model
-from harness.runtime.runtime import VERIFY_MODES
+from harness.runtime import POLICIES
+from harness.runtime.runtime import PLACEMENTS, VERIFY_MODES
 from harness.selection import ORDERS, _parse_count
 from harness.tracking import make_tracker
 
@@ -38,12 +39,27 @@ def validate(cfg: DictConfig) -> None:
         raise HarnessError(f"compress.verify={cfg.compress.verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
     make_codec(cfg.compress.codec, **codec_options(cfg))
     POLICIES.get(cfg.cache.name)
+    if cfg.compress.placement not in PLACEMENTS:
+        raise HarnessError(f"compress.placement={cfg.compress.placement!r} is invalid; valid: {', '.join(PLACEMENTS)}")
     if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
         raise HarnessError(f"cache.budget_mb={cfg.cache.budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
     if cfg.generate.max_new_tokens < 1 or cfg.generate.repeats < 1:
         raise HarnessError("generate.max_new_tokens and generate.repeats must be >= 1")
     if not cfg.generate.prompts:
         raise HarnessError("generate.prompts is empty; give at least one prompt")
+    if cfg.eval.name == "fidelity":
+        validate_tasks(cfg)
+
+
+def validate_tasks(cfg: DictConfig) -> None:
+    """Unknown lm-eval task names fail before the model loads. Bundled names need no lm_eval import; others
+    are looked up in lm-eval's index (7-11 s, paid again when the evaluation builds it)."""
+    tasks = list(cfg.eval.tasks)
+    if tasks and not cfg.eval.include_path and set(tasks) <= set(bundled_tasks()):
+        return
+    from harness.fidelity import _task_manager
+
+    _task_manager(tasks, cfg.eval.include_path)
 
 
 def codec_options(cfg: DictConfig) -> dict[str, Any]:
@@ -99,7 +115,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         validate(cfg)
         device = resolve_device(cfg.device)
         results.update(device=str(device))
-        tracker = make_tracker(config["logger"], config, run_dir, job_name)
+        tracker = make_tracker(config["logger"], config, run_dir, job_name, overrides)
         loaded = load_model(cfg.model, device)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         module = GenerationModule(loaded.model, loaded.tokenizer, cfg.generate.max_new_tokens, cfg.generate.min_new_tokens)
@@ -119,9 +135,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         if cfg.eval.name == "fidelity":  # before compression: the model is compressed in place
             baseline_eval = evaluate_counted(cfg, loaded, runtime=None)
 
-        runtime = compress_model(
+        runtime = compress_cached(
             loaded.model,
             make_codec(cfg.compress.codec, **codec_options(cfg)),
+            cache=artifact_cache(cfg.compress),
+            identity=model_identity(loaded, cfg.model.kind),
             policy=cfg.cache.name,
             policy_options=policy_options(cfg),
             verify=cfg.compress.verify,
@@ -130,6 +148,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
             order=cfg.compress.order,
             include=cfg.compress.include,
             exclude=cfg.compress.exclude,
+            placement=cfg.compress.placement,
         )
         module.runtime = runtime
         compressed = run_phase("compressed", module, callbacks(), **phase_kwargs)

@@ -50,7 +50,7 @@ class GenerationTimer(L.Callback):
     """Wall-clock time of each generation, device synchronised at both ends."""
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._watch = Stopwatch(pl_module.model.device)
+        self._watch = Stopwatch(trainer.strategy.root_device)
         self._watch.start()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
@@ -61,7 +61,7 @@ class PhaseMemory(L.Callback):
     """Device memory over the phase: allocated before/after and the peak (statistics reset at phase start)."""
 
     def on_predict_start(self, trainer, pl_module):
-        self._meter = MemoryMeter(pl_module.model.device)
+        self._meter = MemoryMeter(trainer.strategy.root_device)
         self._meter.start()
 
     def on_predict_end(self, trainer, pl_module):

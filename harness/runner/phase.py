@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from harness.generation import Generation
 from harness.measure import MemoryReading, model_weight_bytes, spread
 from harness.runner.module import GenerationModule, PhaseRecord
+from harness.runner.strategy import stay_on
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class PhaseResult:
     record: PhaseRecord
     generation: Generation  # the last timed repeat's output
     outputs_stable: bool  # every repeat produced the same tokens
-    weights_bytes: int  # exact bytes the model holds densely + compressed bytes (no decompressed cache)
+    weights_bytes: int  # exact weight bytes on the model's device: dense + compressed there (no decompressed cache)
 
     @property
     def timed(self) -> list[int]:
@@ -78,7 +79,7 @@ def run_phase(
     batches = [{"prompts": list(prompts), "warmup": i < warmup} for i in range(warmup + repeats)]
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        strategy=stay_on(module.model.device if accelerator == "cpu" else torch.device("cuda", torch.cuda.current_device())),
         logger=logger,
         callbacks=callbacks,
         enable_progress_bar=progress,
@@ -91,8 +92,9 @@ def run_phase(
     timed = [g for g, w in zip(outputs, module.record.warmup, strict=True) if not w]
     stable = all(g.new_token_ids == timed[-1].new_token_ids for g in timed)
     weights = model_weight_bytes(module.model)
-    if module.runtime is not None:
-        weights += module.runtime.report.compressed_bytes
+    if module.runtime is not None:  # compressed bytes count where they live: on the model's device or not
+        device = module.model.device
+        weights += sum(layer.ct.compressed_nbytes for layer in module.runtime.layers if layer.ct.payload.device == device)
     return PhaseResult(name, module.record, timed[-1], stable, weights)
 
 

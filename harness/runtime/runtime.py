@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.codecs.base import Codec, checksum
+from harness.codecs.base import Codec, CompressedTensor, checksum
 from harness.errors import HarnessError, IntegrityError
 from harness.runtime.layer import CompressedLinear
 from harness.runtime.policies import CachePolicy, make_policy
@@ -29,6 +29,10 @@ class CompressionReport:
     compressed_bytes: int
     compress_time_s: float
     skipped: dict[str, str] = field(default_factory=dict)
+    # Set by harness.artifacts.compress_cached: None when no artifact cache was used.
+    artifact_cache_hit: bool | None = None
+    artifact_path: str | None = None
+    artifact_time_s: float = 0.0  # hashing the weights + reading or writing the artifact (part of compress_time_s)
 
     @property
     def compression_ratio(self) -> float:
@@ -43,6 +47,9 @@ class CompressionReport:
             "compression_ratio": self.compression_ratio,
             "compress_time_s": self.compress_time_s,
             "skipped_layers": self.skipped,
+            "artifact_cache_hit": self.artifact_cache_hit,
+            "artifact_path": self.artifact_path,
+            "artifact_time_s": self.artifact_time_s,
         }
 
 
@@ -64,8 +71,15 @@ class CompressedRuntime:
     # -- the two operations every policy is built from ------------------------------------------------------
     def decompress(self, layer: CompressedLinear, device: torch.device) -> torch.Tensor:
         start = time.perf_counter()
+        ct = layer.ct
         try:
-            w = self.codec.decode(layer.ct)
+            if self.codec.decode_device == "cpu" and device.type == "cuda":
+                # CPU codec feeding a GPU: decode into pinned staging (torch's caching host allocator reuses it
+                # once the copy that reads it has finished), then an async host-to-device copy.
+                staging = torch.empty(ct.shape, dtype=ct.torch_dtype, pin_memory=True)
+                w = self.codec.decode(ct, out=staging)
+            else:
+                w = self.codec.decode(ct)
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # a codec that cannot parse its own bytes: corruption, not a user error
@@ -77,7 +91,8 @@ class CompressedRuntime:
                 )
             self._verified.add(layer.index)
         if w.device != device:
-            w = w.to(device)
+            w = w.to(device, non_blocking=True)
+        # On CUDA this is the host time to issue the work; the GPU side overlaps (see docs/benchmarks.md).
         self.stats.count_decompression(layer.name, layer.weight_nbytes, time.perf_counter() - start)
         self.stats.hold(layer.weight_nbytes)
         return w
@@ -136,6 +151,20 @@ class CompressedRuntime:
         ]
 
 
+PLACEMENTS = ("cpu", "gpu")
+
+
+def _place(payload: torch.Tensor, placement: str, weight_device: torch.device) -> torch.Tensor:
+    """Compressed bytes live in host memory (pinned when CUDA is present, for async copies) or in VRAM."""
+    if placement == "gpu":
+        return payload.to(weight_device)
+    if payload.device.type != "cpu":
+        payload = payload.cpu()
+    if torch.cuda.is_available() and not payload.is_pinned():
+        payload = payload.pin_memory()
+    return payload
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -151,13 +180,20 @@ def compress_model(
     verify: str = "first",
     attach: bool = True,
     progress: bool = True,
+    placement: str = "cpu",
+    precompressed: Mapping[str, CompressedTensor] | None = None,
     **select_kwargs: Any,
 ) -> CompressedRuntime:
     """Swap the selected linear layers of `model` (in place) for CompressedLinear and return their runtime.
 
     The dense weights are released: after this the model holds only the compressed bytes of those layers.
     `select_kwargs` (layers, order, include, exclude) are passed to `select_layers` when no selection is given.
+    `precompressed` (layer name -> CompressedTensor, from harness.artifacts) replaces encoding those layers.
     """
+    if placement not in PLACEMENTS:
+        raise HarnessError(f"compress.placement={placement!r} is invalid; valid: {', '.join(PLACEMENTS)}")
+    if placement == "gpu" and codec.decode_device != "cuda":
+        raise HarnessError(f"compress.placement=gpu needs a GPU codec (nvcomp_ans), not {codec.name}; or use placement=cpu")
     if selection is None:
         selection = select_layers(model, **select_kwargs)
     runtime = CompressedRuntime(codec, verify=verify)
@@ -170,12 +206,16 @@ def compress_model(
     original = compressed = 0
     start = time.perf_counter()
     candidates: Iterable = selection.chosen
-    if progress and selection.chosen:
+    if progress and selection.chosen and precompressed is None:
         candidates = tqdm(selection.chosen, desc=f"compressing ({codec.name})", unit="layer", leave=False)
     for cand in candidates:
         module = cand.module
-        with torch.no_grad():
-            ct = codec.encode(module.weight.detach())
+        if precompressed is not None:
+            ct = precompressed[cand.name]
+        else:
+            with torch.no_grad():
+                ct = codec.encode(module.weight.detach())
+        ct.payload = _place(ct.payload, placement, module.weight.device)
         layer = CompressedLinear(cand.name, ct, module.bias, runtime, transposed=isinstance(module, conv1d))
         layer.index = len(runtime.layers)
         runtime.layers.append(layer)

@@ -1,0 +1,158 @@
+"""GPU benchmark: compressed-weight inference against bf16 baseline and accelerate's cpu_offload, one GPU.
+
+    python bench/bench_gpu.py --shape llama_1b --batch 1 8 --tokens 32 --repeats 3 --out results.jsonl
+
+Every variant goes through the harness's own measurement path (Lightning Trainer.predict + the phase callbacks:
+CUDA-synchronised wall clock, median of repeats after a warm-up, peak memory reset per phase, exact counters),
+on a freshly built random-init model of the real shape (weights cannot be downloaded on the GPU machine;
+normal(0, 0.02) bf16 compresses like trained weights, see /work/shared/REFERENCE.md). Bit-exactness: token
+ids and every step's logits torch.equal to the baseline's. Rows are appended to --out as JSON lines as soon as
+each is measured, and a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from harness.codecs import make_codec  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.runner import callbacks as cb  # noqa: E402
+from harness.runner.module import GenerationModule  # noqa: E402
+from harness.runner.phase import compare, run_phase  # noqa: E402
+from harness.runtime import compress_model  # noqa: E402
+from harness.selection import select_layers  # noqa: E402
+
+PROTOTYPE_SHARE = 20 / 155  # the prototype compressed 20 of SmolLM2's 155 eligible layers
+
+
+def callbacks():
+    return [cb.ForwardPassCounter(), cb.GenerationTimer(), cb.CachePolicyBoundaries(), cb.PhaseMemory()]
+
+
+def prompts(batch: int) -> list[str]:
+    base = ["The capital of France is", "Lossless compression of weights", "Once upon a time",
+            "The H100 has", "In 1905 Einstein", "A byte plane is", "Decoding on the GPU", "Tokens per second"]
+    return [base[i % len(base)] + f" ({i})" * (i // len(base)) for i in range(batch)]
+
+
+def build(shape: str):
+    t = time.perf_counter()
+    loaded = load_model({"kind": "synthetic", "name": shape, "shape": shape, "seed": 0, "dtype": "bfloat16"}, "cuda")
+    return loaded, time.perf_counter() - t
+
+
+VARIANTS = {
+    # name: (codec, policy, policy options, placement, share of eligible layers, codec threads)
+    "prototype (zstd cpu, per_forward_pass)": ("zstd", "per_forward_pass", {}, "cpu", PROTOTYPE_SHARE, 1),
+    "zstd_grouped cpu x16 threads, prefetch": ("zstd_grouped", "prefetch", {"depth": 4}, "cpu", PROTOTYPE_SHARE, 16),
+    "nvcomp cpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
+    "nvcomp gpu-placed, none": ("nvcomp_ans", "none", {}, "gpu", 1.0, 1),
+    "nvcomp gpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 2}, "gpu", 1.0, 1),
+}
+
+
+def measure(module, batch, args, name):
+    res = run_phase(name, module, callbacks(), prompts(batch), args.repeats, 1, "gpu", progress=False)
+    return res
+
+
+def row_of(shape, batch, variant, res, base, extra):
+    d = res.as_dict()
+    r = {
+        "shape": shape, "batch": batch, "variant": variant, "tok_s": d["tokens_per_s"], "time_s": d["time_s"],
+        "time_s_min": d["time_s_min"], "time_s_max": d["time_s_max"], "peak_bytes": d["memory"]["peak_bytes"],
+        "weights_vram_bytes": d["memory"]["weights_bytes"], "forward_passes": d["forward_passes"],
+        "decompressions_per_pass": d.get("decompressions_per_forward_pass"), **extra,
+    }
+    if base is not None:
+        c = compare(base, res)
+        r.update(bit_exact=c["outputs_match"], speed_vs_base=1 / c["slowdown"], peak_vs_base=c["peak_memory_ratio"],
+                 weights_vs_base=c["weights_bytes_ratio"])
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama_1b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=None, help="substrings of variant names to run")
+    ap.add_argument("--offload", action="store_true", help="also measure accelerate cpu_offload")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.jsonl"))
+    args = ap.parse_args()
+    rows = []
+
+    def emit(r):
+        rows.append(r)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps(r), flush=True)
+
+    loaded, build_s = build(args.shape)
+    print(f"built {args.shape} in {build_s:.1f} s on {torch.cuda.get_device_name()}", flush=True)
+    module = GenerationModule(loaded.model, loaded.tokenizer, args.tokens, args.tokens)
+    baselines = {}
+    for b in args.batch:
+        baselines[b] = measure(module, b, args, "baseline")
+        emit(row_of(args.shape, b, "baseline bf16", baselines[b], None, {}))
+    eligible = len(select_layers(loaded.model, "all").chosen)
+    del module, loaded
+    gc.collect(); torch.cuda.empty_cache()
+
+    for variant, (codec, policy, opts, placement, share, threads) in VARIANTS.items():
+        if args.variants and not any(s in variant for s in args.variants):
+            continue
+        loaded, _ = build(args.shape)
+        n = max(1, round(share * eligible))
+        try:
+            rt = compress_model(loaded.model, make_codec(codec, level=3, threads=threads), policy=policy,
+                                policy_options=opts, attach=False, placement=placement, layers=n, progress=False)
+            gc.collect(); torch.cuda.empty_cache()
+            module = GenerationModule(loaded.model, loaded.tokenizer, args.tokens, args.tokens)
+            module.runtime = rt
+            for b in args.batch:
+                res = measure(module, b, args, "compressed")
+                emit(row_of(args.shape, b, variant, res, baselines[b], {
+                    "layers": f"{n}/{rt.report.layers_total}", "ratio": rt.report.compression_ratio,
+                    "decompress_host_s": res.as_dict().get("decompress_time_s")}))
+            rt.close()
+        except Exception as e:  # a failed variant is a row, not the end of the benchmark
+            emit({"shape": args.shape, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
+        del loaded
+        gc.collect(); torch.cuda.empty_cache()
+
+    if args.offload:
+        from accelerate import cpu_offload
+        loaded, _ = build(args.shape)
+        loaded.model.to("cpu")
+        cpu_offload(loaded.model, execution_device=0)
+        gc.collect(); torch.cuda.empty_cache()
+        module = GenerationModule(loaded.model, loaded.tokenizer, args.tokens, args.tokens)
+        for b in args.batch[:1]:
+            res = measure(module, b, args, "offload")
+            emit(row_of(args.shape, b, "accelerate cpu_offload (bf16)", res, baselines[b], {}))
+
+    print(f"\n{'shape':9} {'b':>2} {'variant':40} {'tok/s':>8} {'x base':>7} {'peak GB':>8} {'x base':>6} {'wVRAM x':>7} {'dec/pass':>8} exact")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:9}    {r['variant']:40} ERROR {r['error'][:80]}")
+            continue
+        print(f"{r['shape']:9} {r['batch']:>2} {r['variant']:40} {r['tok_s']:8.2f} {r.get('speed_vs_base', 1):7.3f} "
+              f"{r['peak_bytes'] / 1e9:8.3f} {r.get('peak_vs_base', 1):6.3f} {r.get('weights_vs_base', 1):7.3f} "
+              f"{(r['decompressions_per_pass'] or 0):8.1f} {'✓' if r.get('bit_exact', True) else '✗'}")
+
+
+if __name__ == "__main__":
+    main()

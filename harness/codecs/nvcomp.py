@@ -1,0 +1,95 @@
+"""nvCOMP ANS on the GPU (DFloat11-style entropy coding of bf16 words; lossless, bit-exact).
+
+nvCOMP is imported lazily: CPU machines never need it. Decoding runs on the caller's current CUDA stream,
+so a prefetch worker on a side stream decodes there. nvCOMP's Codec and DecompressConfig objects are
+thread-local by contract, so each (thread, stream) gets its own Codec and its own configs, built once per
+layer (building a config from a buffer synchronises once; decoding with it afterwards does not).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, dtype_name
+from harness.errors import HarnessError
+
+# nvCOMP's element type for ANS: 2-byte words for 16-bit floats (exponent and mantissa bytes modelled
+# together), bytes for fp32.
+_DATA_TYPE = {torch.bfloat16: "<f2", torch.float16: "<f2", torch.float32: "|u1"}
+
+
+def _nvcomp():
+    try:
+        from nvidia import nvcomp
+    except ImportError:
+        raise HarnessError(
+            "codec nvcomp_ans needs nvCOMP: pip install nvidia-nvcomp-cu13 nvidia-libnvcomp-cu13 "
+            "(or the project's [gpu] extra)"
+        ) from None
+    return nvcomp
+
+
+@CODECS.register("nvcomp_ans")
+class NvcompANS(Codec):
+    name = "nvcomp_ans"
+    decode_device = "cuda"
+
+    def __init__(self, level: int | None = None, threads: int | None = None) -> None:
+        # level/threads are CPU-codec settings; accepted so one config serves every codec.
+        if not torch.cuda.is_available():
+            raise HarnessError("codec nvcomp_ans decodes on the GPU but torch.cuda.is_available() is False; use zstd_grouped")
+        self.nvcomp = _nvcomp()
+        self._local = threading.local()
+
+    def _state(self, data_type: str) -> dict[str, Any]:
+        """Codec + per-layer decompression configs of this thread and current stream."""
+        stream = torch.cuda.current_stream().cuda_stream
+        per_thread = self._local.__dict__.setdefault("states", {})
+        key = (stream, data_type)
+        if key not in per_thread:
+            codec = self.nvcomp.Codec(algorithm="ANS", data_type=data_type, cuda_stream=stream)
+            per_thread[key] = {"codec": codec, "configs": {}, "stream": stream}
+        return per_thread[key]
+
+    def encode(self, t: torch.Tensor) -> CompressedTensor:
+        data_type = _DATA_TYPE.get(t.dtype)
+        if data_type is None:
+            raise HarnessError(f"codec nvcomp_ans supports bfloat16, float16 and float32, not {t.dtype}")
+        src = t.detach().contiguous()
+        if src.device.type != "cuda":
+            src = src.cuda()
+        flat = src.view(-1).view(torch.uint8)
+        state = self._state(data_type)
+        comp = state["codec"].encode(self.nvcomp.as_array(flat, cuda_stream=state["stream"]))
+        payload = torch.as_tensor(comp, device=src.device).view(torch.uint8).reshape(-1)[: comp.buffer_size].clone()
+        torch.cuda.current_stream().synchronize()  # `comp` is freed when this returns
+        return CompressedTensor(
+            codec=self.name,
+            shape=tuple(t.shape),
+            dtype=dtype_name(t.dtype),
+            original_nbytes=flat.numel(),
+            checksum=checksum(src),
+            payload=payload,
+            meta={"data_type": data_type},
+        )
+
+    def decode(self, ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        state = self._state(ct.meta["data_type"])
+        device = torch.device("cuda", torch.cuda.current_device())
+        src = ct.payload
+        if src.device.type != "cuda":  # placement=cpu: the compressed bytes cross PCIe (async from pinned memory)
+            src = src.to(device, non_blocking=True)
+        if out is None:
+            out = torch.empty(ct.shape, dtype=ct.torch_dtype, device=device)
+        nv = self.nvcomp
+        src_arr = nv.as_array(src, cuda_stream=state["stream"])
+        cfg = state["configs"].get(id(ct))
+        if cfg is None:
+            cfg = state["configs"][id(ct)] = state["codec"].decompression_config(src_arr)
+        state["codec"].decode(
+            src_arr, out=nv.as_array(out.view(-1).view(torch.uint8), cuda_stream=state["stream"]), decompression_config=cfg
+        )
+        return out
