@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -39,12 +40,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def load_average() -> str:
-    """Other processes on a small machine skew the threaded numbers: print the load next to them."""
+def busy_cpu_s() -> float | None:
+    """CPU-seconds all processes have used since boot (Linux /proc/stat), to tell how busy others kept the box."""
     try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def smollm2_linear_weights() -> list[torch.Tensor]:
@@ -122,11 +129,12 @@ def main() -> None:
     )
     print(f"weights: {what}, {original_bytes / 1e6:.1f} MB")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"load average (1/5/15 min) before: {load_average()}\n")
+    print()
     head = ["codec", "level", "chunk", "ratio"]
     head += [f"encode GB/s ({t} thr)" for t in threads] + [f"decode GB/s ({t} thr)" for t in threads]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
+    start_s, busy_start_s, own_start_s = time.perf_counter(), busy_cpu_s(), own_cpu_s()
     for codec in args.codecs.split(","):
         for level in (int(x) for x in args.levels.split(",")):
             for chunk in (int(x) for x in args.chunk_bytes.split(",")):
@@ -135,7 +143,12 @@ def main() -> None:
                 cells = [codec, str(level), f"{chunk >> 10} KiB" if chunk else "tensor", f"{r['ratio']:.4f}"]
                 cells += [f"{r['encode'][t]:.3f}" for t in threads] + [f"{r['decode'][t]:.3f}" for t in threads]
                 print("| " + " | ".join(cells) + " |", flush=True)
-    print(f"\nload average (1/5/15 min) after: {load_average()}")
+    # Threaded numbers only mean something if the other cores were free: say how much other processes took.
+    if busy_start_s is not None:
+        others_s = busy_cpu_s() - busy_start_s - (own_cpu_s() - own_start_s)
+        print(
+            f"\nother processes used {max(0.0, others_s) / (time.perf_counter() - start_s):.2f} CPUs on average meanwhile"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Can nvCOMP ANS decodes be captured in a CUDA graph, and what does a block's decode cost on the host?"""
-import time, torch
+import time
+
+import torch
 from nvidia import nvcomp
 
 dev = torch.device("cuda")

@@ -1,5 +1,7 @@
 """Explore the nvCOMP Python API on the device: round trip via torch tensors, per-call host overhead."""
-import time, torch
+import time
+
+import torch
 from nvidia import nvcomp
 
 dev = torch.device("cuda")

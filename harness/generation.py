@@ -17,9 +17,15 @@ class Generation:
 
 @torch.inference_mode()
 def greedy_generate(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, min_new_tokens: int | None = None
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    min_new_tokens: int | None = None,
+    device: torch.device | None = None,
 ) -> Generation:
-    device = next(p.device for p in model.parameters())
+    # An offloaded model (accelerate cpu_offload) keeps its parameters on "meta": the caller names the device.
+    device = device or next(p.device for p in model.parameters())
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     out = model.generate(
         **enc,

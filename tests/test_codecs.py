@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +147,27 @@ def test_corrupted_payload_raises(name):
     ct.payload[ct.meta["frame_offsets"][first_zstd] + 20] ^= 0xFF  # inside a zstd frame (past its header)
     with pytest.raises(IntegrityError):
         make_codec(name).decode(ct)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threaded_decode_works_in_a_forked_child():
+    """A child forked after the decode pool started (data loaders, launchers) must not wait on the parent's threads."""
+    t = weights_with_specials(100_000, torch.bfloat16)
+    codec = make_codec("zstd_grouped", threads=2, chunk_bytes=SMALL_CHUNK_BYTES)
+    ct = codec.encode(t)
+    codec.decode(ct)  # starts the pool in the parent
+    pid = os.fork()
+    if pid == 0:  # child: numpy only (torch's OpenMP may itself hang after fork), then leave without cleanup
+        same = np.array_equal(codec.decode(ct).view(torch.int16).numpy(), t.view(torch.int16).numpy())
+        os._exit(0 if same else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("decode in a forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_grouped_stores_incompressible_planes_raw():

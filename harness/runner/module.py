@@ -57,5 +57,10 @@ class GenerationModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Generation:
         return greedy_generate(
-            self.model, self.tokenizer, batch["prompts"], self.max_new_tokens, min_new_tokens=self.min_new_tokens
+            self.model,
+            self.tokenizer,
+            batch["prompts"],
+            self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            device=self.trainer.strategy.root_device,
         )
