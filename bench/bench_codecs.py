@@ -146,9 +146,7 @@ def main() -> None:
     # Threaded numbers only mean something if the other cores were free: say how much other processes took.
     if busy_start_s is not None:
         others_s = busy_cpu_s() - busy_start_s - (own_cpu_s() - own_start_s)
-        print(
-            f"\nother processes used {max(0.0, others_s) / (time.perf_counter() - start_s):.2f} CPUs on average meanwhile"
-        )
+        print(f"\nother processes used {others_s / (time.perf_counter() - start_s):.2f} CPUs on average meanwhile")
 
 
 if __name__ == "__main__":

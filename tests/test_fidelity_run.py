@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 
 from harness.experiment import run
 
-POLICIES = ["none", "per_forward_pass", "full", "lru", "prefetch"]
+POLICIES = ["none", "per_forward_pass", "full", "lru", "prefetch", "block"]
 
 
 def config(overrides):
@@ -34,7 +34,7 @@ def test_every_bundled_task_is_identical_under_every_policy(tmp_path, cache):
     layers = res["compressed"]["layers_compressed"]
     passes = counts["compressed"]["forward_passes"]
     expected = {"none": layers * passes, "per_forward_pass": layers * passes, "full": layers, "lru": layers,
-                "prefetch": layers * passes + 2}
+                "prefetch": layers * passes + 2, "block": layers * passes}
     # lru: conf/cache/lru.yaml's 100 MB holds the whole tiny model, so each layer is decompressed once
     assert counts["compressed"]["decompressions"] == expected[cache]
 

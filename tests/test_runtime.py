@@ -1,6 +1,7 @@
 """The compressed-weight runtime on tiny random models: bit-exact outputs and exact counters per policy."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from harness.errors import HarnessError, IntegrityError
 from harness.generation import greedy_generate
 from harness.models import tiny_llama
 from harness.runtime import POLICIES, compress_model
+from harness.runtime.policies import block_of
 from harness.selection import select_layers
 from harness.tokenizer import byte_tokenizer
 
@@ -43,6 +45,7 @@ EXPECTED = {
     "full": lambda L, P: L,
     "lru": lambda L, P: L,  # budget fits everything
     "prefetch": lambda L, P: L * P + 2,  # depth 2: the last step prefetches 2 layers of a step that never comes
+    "block": lambda L, P: L * P,  # each block once per pass, all its layers together
 }
 
 
@@ -60,7 +63,7 @@ def test_every_policy_is_bit_exact_with_exact_counts(baseline, policy):
     assert L == LAYERS + 1
     assert stats["forward_passes"] == NEW
     assert stats["decompressions"] == EXPECTED[policy](L, NEW)
-    if policy in ("none", "per_forward_pass"):
+    if policy in ("none", "per_forward_pass", "block"):
         assert stats["decompressions_per_pass"] == [L] * NEW
         assert set(stats["decompressions_per_layer"].values()) == {NEW}
     if policy == "prefetch":
@@ -80,6 +83,20 @@ def test_repeated_generations_count_the_same(baseline):
         counts.append(runtime.stats.snapshot()["decompressions"])
     L = runtime.report.layers_compressed
     assert counts == [L * NEW + 3] * 3
+    runtime.close()
+
+
+def test_block_policy_holds_one_block_in_one_reused_buffer(baseline):
+    loaded, ref = baseline
+    model, runtime = compressed_copy(loaded, "block", layers="all")
+    out = generate(model)
+    assert torch.equal(out.logits, ref.logits)
+    blocks = Counter()
+    for layer in runtime.layers:
+        blocks[block_of(layer.name)] += layer.weight_nbytes
+    assert len(blocks) == 3  # 2 transformer blocks + lm_head
+    assert runtime.stats.peak_resident_bytes == max(blocks.values())
+    assert runtime.policy.scratch_bytes >= max(blocks.values())
     runtime.close()
 
 

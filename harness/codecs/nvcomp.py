@@ -93,3 +93,20 @@ class NvcompANS(Codec):
             src_arr, out=nv.as_array(out.view(-1).view(torch.uint8), cuda_stream=state["stream"]), decompression_config=cfg
         )
         return out
+
+    def decode_many(self, cts: list[CompressedTensor], outs: list[torch.Tensor]) -> None:
+        """Decode several GPU-resident tensors in ONE batched nvCOMP call (a transformer block's weights).
+
+        The batch wrappers and the decompression config are built once per (layers, output buffer) and reused
+        every pass: the host cost is one call instead of one per layer, and no synchronisation."""
+        state = self._state(cts[0].meta["data_type"])
+        key = (tuple(id(ct) for ct in cts), tuple(o.data_ptr() for o in outs))
+        prepared = state["configs"].get(key)
+        if prepared is None:
+            nv, stream = self.nvcomp, state["stream"]
+            src = nv.as_arrays([ct.payload for ct in cts], cuda_stream=stream)
+            dst = nv.as_arrays([o.view(-1).view(torch.uint8) for o in outs], cuda_stream=stream)
+            prepared = state["configs"][key] = (src, dst, state["codec"].decompression_config(src))
+        src, dst, cfg = prepared
+        state["codec"].decode(src, out=dst, decompression_config=cfg)
+

@@ -9,7 +9,7 @@ the three that scales with threads.
 
 Why planes: in a bf16 weight the 8 exponent bits carry ~2.7 bits of entropy while sign and mantissa are
 near-random (docs/benchmarks.md, /work/shared/REFERENCE.md). Interleaved, zstd cannot model the exponent well;
-as its own plane it compresses to ~0.37-0.40 of its size, and the incompressible plane is stored raw.
+as its own plane it compresses to ~0.36-0.40 of its size (level 1-3), and the incompressible plane is stored raw.
 """
 
 from __future__ import annotations
@@ -20,19 +20,22 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from itertools import accumulate
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import zstandard
 
-from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, dtype_name, raw_bytes
+from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, dtype_name, raw_bytes
 from harness.errors import HarnessError, IntegrityError
 
 if sys.byteorder != "little":  # the plane layouts below index bytes of little-endian words
     raise ImportError("harness.codecs.zstd assumes a little-endian host")
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: costs <0.1% ratio against one frame per tensor (docs/benchmarks.md)
+# 1 MiB: on SmolLM2 within 0.01% of one frame per tensor, or better; 256/512 KiB chunks move zstd onto its
+# small-input parameter tables, which shifts the ratio by up to +-4% depending on codec and level (docs/benchmarks.md).
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 # A plane chunk is stored raw unless zstd saves at least this fraction: sign/mantissa planes save ~0%, and a
 # raw plane decodes with no zstd pass at all.
@@ -99,7 +102,7 @@ def _payload(frames: Iterable[np.ndarray | bytes], total_nbytes: int) -> torch.T
 
 
 def _offsets(sizes: list[int]) -> list[int]:
-    return np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]).tolist() if sizes else []
+    return [0, *accumulate(sizes[:-1])] if sizes else []
 
 
 def _output(ct: CompressedTensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -150,8 +153,8 @@ class ZstdCodec(_ZstdBase):
     name = "zstd"
 
     def encode(self, t: torch.Tensor) -> CompressedTensor:
-        if dtype_name(t.dtype) not in ("bfloat16", "float16", "float32"):
-            raise HarnessError(f"{self.name}: unsupported dtype {t.dtype}; supported: bfloat16, float16, float32")
+        if dtype_name(t.dtype) not in DTYPES:
+            raise HarnessError(f"{self.name}: unsupported dtype {t.dtype}; supported: {', '.join(DTYPES)}")
         data = raw_bytes(t)
         src = data.numpy()
         starts = range(0, src.nbytes, self.chunk_bytes)
@@ -295,7 +298,7 @@ class ZstdGroupedCodec(_ZstdBase):
 
     def decode(self, ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(ct)
-        word, layout, split, merge = _LAYOUTS[ct.dtype]
+        word, layout, _, merge = _LAYOUTS[ct.dtype]
         if ct.meta["layout"] != layout:
             raise ValueError(f"{self.name}: unknown plane layout {ct.meta['layout']!r} for {ct.dtype}")
         out = _output(ct, out)

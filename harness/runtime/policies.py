@@ -10,6 +10,7 @@ Decompression itself (and its exact accounting) is the runtime's `decompress` / 
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -137,6 +138,74 @@ class LRU(_Keeping):
     def _evict(self, index):
         self._cached_bytes -= self.runtime.layers[index].weight_nbytes
         super()._evict(index)
+
+
+def block_of(name: str) -> str:
+    """The transformer block a layer belongs to: the module path up to its last numeric component
+    ("model.layers.3.mlp.up_proj" -> "model.layers.3"); layers outside any block (lm_head) stand alone."""
+    match = re.match(r"^(.*\.\d+)\.", name)
+    return match.group(1) if match else name
+
+
+@POLICIES.register("block")
+class PerBlock(CachePolicy):
+    """DFloat11's design: at the first use of a block's compressed layer, decompress all of that block's
+    compressed layers together (one batched call where the codec has one, e.g. nvcomp_ans with the bytes in
+    VRAM) into ONE scratch buffer that every block reuses. A block's weights live until another block is
+    decompressed or the pass ends: one decompression per layer per pass, one block of dense weights resident."""
+
+    name = "block"
+    ALIGN_BYTES = 256
+
+    def __init__(self, runtime: CompressedRuntime) -> None:
+        super().__init__(runtime)
+        self._blocks: dict[str, list[CompressedLinear]] = {}
+        for layer in runtime.layers:
+            self._blocks.setdefault(block_of(layer.name), []).append(layer)
+        self._offsets: dict[int, int] = {}  # layer index -> byte offset in the scratch buffer
+        self.scratch_bytes = 0
+        for layers in self._blocks.values():
+            offset = 0
+            for layer in layers:
+                self._offsets[layer.index] = offset
+                offset += -(-layer.weight_nbytes // self.ALIGN_BYTES) * self.ALIGN_BYTES
+            self.scratch_bytes = max(self.scratch_bytes, offset)
+        self._scratch: torch.Tensor | None = None
+        self._current: str | None = None
+        self._weights: dict[int, torch.Tensor] = {}
+
+    def acquire(self, layer, device):
+        block = block_of(layer.name)
+        if block != self._current:
+            self._release_block()
+            if self._scratch is None or self._scratch.device != device:
+                self._scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8, device=device)
+            layers = self._blocks[block]
+            outs = [self._view(member) for member in layers]
+            weights = self.runtime.decompress_many(layers, device, outs)
+            self._weights = {member.index: w for member, w in zip(layers, weights, strict=True)}
+            self._current = block
+        return self._weights[layer.index]
+
+    def _view(self, layer: CompressedLinear) -> torch.Tensor:
+        start = self._offsets[layer.index]
+        ct = layer.ct
+        return self._scratch[start : start + ct.original_nbytes].view(ct.torch_dtype).view(ct.shape)
+
+    def _release_block(self) -> None:
+        for index in self._weights:
+            self.runtime.drop(self.runtime.layers[index])
+        self._weights, self._current = {}, None
+
+    def begin_pass(self):
+        self._release_block()
+
+    def clear(self):
+        self._release_block()
+
+    def close(self):
+        self.clear()
+        self._scratch = None
 
 
 @POLICIES.register("prefetch")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,33 +70,57 @@ class CompressedRuntime:
         self._hooks: list[Any] = []
 
     # -- the two operations every policy is built from ------------------------------------------------------
-    def decompress(self, layer: CompressedLinear, device: torch.device) -> torch.Tensor:
+    def decompress(self, layer: CompressedLinear, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's dense weight on `device`, written into `out` when given (a scratch-buffer view)."""
         start = time.perf_counter()
         ct = layer.ct
-        try:
+        with self._corruption_named(layer.name):
             if self.codec.decode_device == "cpu" and device.type == "cuda":
                 # CPU codec feeding a GPU: decode into pinned staging (torch's caching host allocator reuses it
                 # once the copy that reads it has finished), then an async host-to-device copy.
                 staging = torch.empty(ct.shape, dtype=ct.torch_dtype, pin_memory=True)
                 w = self.codec.decode(ct, out=staging)
             else:
-                w = self.codec.decode(ct)
+                w = self.codec.decode(ct, out=out)
+        self._verify(layer, w)
+        if w.device != device or (out is not None and w is not out):
+            w = out.copy_(w, non_blocking=True) if out is not None else w.to(device, non_blocking=True)
+        # On CUDA this is the host time to issue the work; the GPU side overlaps (see docs/benchmarks.md).
+        self.stats.count_decompression(layer.name, layer.weight_nbytes, time.perf_counter() - start)
+        self.stats.hold(layer.weight_nbytes)
+        return w
+
+    def decompress_many(self, layers: list[CompressedLinear], device: torch.device, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several layers at once: one batched call when the codec has one and the bytes sit on `device`."""
+        batched = getattr(self.codec, "decode_many", None)
+        if batched is None or any(layer.ct.payload.device != device for layer in layers):
+            return [self.decompress(layer, device, out) for layer, out in zip(layers, outs, strict=True)]
+        start = time.perf_counter()
+        with self._corruption_named(", ".join(layer.name for layer in layers)):
+            batched([layer.ct for layer in layers], outs)
+        share_s = (time.perf_counter() - start) / len(layers)
+        for layer, w in zip(layers, outs, strict=True):
+            self._verify(layer, w)
+            self.stats.count_decompression(layer.name, layer.weight_nbytes, share_s)
+            self.stats.hold(layer.weight_nbytes)
+        return outs
+
+    @contextmanager
+    def _corruption_named(self, names: str):
+        try:
+            yield
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # a codec that cannot parse its own bytes: corruption, not a user error
-            raise IntegrityError(f"layer {layer.name}: cannot decompress its weight ({e}); the compressed bytes are corrupted") from e
+            raise IntegrityError(f"layer {names}: cannot decompress its weight ({e}); the compressed bytes are corrupted") from e
+
+    def _verify(self, layer: CompressedLinear, w: torch.Tensor) -> None:
         if self.verify == "always" or (self.verify == "first" and layer.index not in self._verified):
             if checksum(w) != layer.ct.checksum:
                 raise IntegrityError(
                     f"layer {layer.name}: decompressed weight fails its checksum; the compressed bytes are corrupted"
                 )
             self._verified.add(layer.index)
-        if w.device != device:
-            w = w.to(device, non_blocking=True)
-        # On CUDA this is the host time to issue the work; the GPU side overlaps (see docs/benchmarks.md).
-        self.stats.count_decompression(layer.name, layer.weight_nbytes, time.perf_counter() - start)
-        self.stats.hold(layer.weight_nbytes)
-        return w
 
     def drop(self, layer: CompressedLinear) -> None:
         self.stats.unhold(layer.weight_nbytes)
