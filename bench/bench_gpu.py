@@ -59,6 +59,8 @@ VARIANTS = {
     "nvcomp cpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
     "nvcomp gpu-placed, none": ("nvcomp_ans", "none", {}, "gpu", 1.0, 1),
     "nvcomp gpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 2}, "gpu", 1.0, 1),
+    "nvcomp gpu-placed, block (batched)": ("nvcomp_ans", "block", {}, "gpu", 1.0, 1),
+    "nvcomp cpu-placed, block": ("nvcomp_ans", "block", {}, "cpu", 1.0, 1),
 }
 
 
