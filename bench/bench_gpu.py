@@ -110,6 +110,7 @@ def main() -> None:
         baselines[b] = measure(module, b, args, "baseline")
         emit(row_of(args.shape, b, "baseline bf16", baselines[b], None, {}))
     eligible = len(select_layers(loaded.model, "all").chosen)
+    module.close()
     del module, loaded
     gc.collect(); torch.cuda.empty_cache()
 
@@ -130,6 +131,8 @@ def main() -> None:
                     "layers": f"{n}/{rt.report.layers_total}", "ratio": rt.report.compression_ratio,
                     "decompress_host_s": res.as_dict().get("decompress_time_s")}))
             rt.close()
+            module.close()
+            del module, rt  # nothing of this variant may stay alive into the next one's memory figures
         except Exception as e:  # a failed variant is a row, not the end of the benchmark
             emit({"shape": args.shape, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
         del loaded

@@ -109,7 +109,7 @@ def one_line(e: BaseException) -> str:
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "harness") -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     results = ResultsFile(run_dir / "results.json", config, overrides)
-    tracker = None
+    tracker = module = runtime = None
     fidelity_rows = None
     try:
         validate(cfg)
@@ -168,6 +168,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         results.update(status="failed", error=one_line(e))
         raise
     finally:
+        if runtime is not None:
+            runtime.close()  # stops prefetch workers
+        if module is not None:
+            module.close()
         if tracker is not None:
             try:
                 tracker.log_results(results.data, results.data.get("layers", []), fidelity_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +38,19 @@ class GenerationModule(L.LightningModule):
         self.record = PhaseRecord()
         self._predicting = False  # dispatch only inside Trainer.predict (lm-eval runs the model outside it)
         # One top-level forward = one generation step = one forward pass; callbacks see its boundaries.
-        model.register_forward_pre_hook(lambda *_: self._dispatch("on_forward_pass_start"))
-        model.register_forward_hook(lambda *_: self._dispatch("on_forward_pass_end"))
+        # The hooks hold a weak reference: a strong one would make model <-> module a cycle that keeps a finished
+        # job's model (and its VRAM) alive until the garbage collector happens to run, skewing the next job's memory.
+        ref = weakref.ref(self)
+        self._hooks = [
+            model.register_forward_pre_hook(lambda *_: (m := ref()) and m._dispatch("on_forward_pass_start")),
+            model.register_forward_hook(lambda *_: (m := ref()) and m._dispatch("on_forward_pass_end")),
+        ]
+
+    def close(self) -> None:
+        """Remove the hooks from the wrapped model."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def on_predict_start(self) -> None:
         self._predicting = True
