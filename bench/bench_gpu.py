@@ -84,6 +84,41 @@ def row_of(shape, batch, variant, res, base, extra):
     return r
 
 
+def interleaved(args) -> None:
+    """A/B with the host's drift spread evenly: a dense and a compressed model side by side on the GPU, their
+    phases alternated round by round (B A B A ...), every timed repeat pooled per side."""
+    codec, policy, opts, placement, share, threads = VARIANTS[args.ab]
+    dense, _ = build(args.shape)
+    comp, _ = build(args.shape)
+    n = max(1, round(share * len(select_layers(comp.model, "all").chosen)))
+    rt = compress_model(comp.model, make_codec(codec, level=3, threads=threads), policy=policy, policy_options=opts,
+                        attach=False, placement=placement, layers=n, progress=False)
+    modules = {"baseline": GenerationModule(dense.model, dense.tokenizer, args.tokens, args.tokens),
+               "compressed": GenerationModule(comp.model, comp.tokenizer, args.tokens, args.tokens)}
+    modules["compressed"].runtime = rt
+    for b in args.batch:
+        times = {"baseline": [], "compressed": []}
+        exact = True
+        for _ in range(args.rounds):
+            res = {}
+            for side in ("compressed", "baseline"):
+                res[side] = measure(modules[side], b, args, side)
+                times[side] += [res[side].record.times_s[i] for i in res[side].timed]
+            exact &= compare(res["baseline"], res["compressed"])["outputs_match"]
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        row = {"shape": args.shape, "batch": b, "variant": f"A/B interleaved: {args.ab}", "rounds": args.rounds,
+               "baseline_time_s": med["baseline"], "compressed_time_s": med["compressed"],
+               "baseline_min_max_s": [min(times["baseline"]), max(times["baseline"])],
+               "compressed_min_max_s": [min(times["compressed"]), max(times["compressed"])],
+               "speed_vs_base": med["baseline"] / med["compressed"], "bit_exact": exact,
+               "tok_s_baseline": b * args.tokens / med["baseline"], "tok_s_compressed": b * args.tokens / med["compressed"]}
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{args.shape} b={b} {args.ab}: baseline {med['baseline']:.3f}s [{min(times['baseline']):.3f}-"
+              f"{max(times['baseline']):.3f}] compressed {med['compressed']:.3f}s [{min(times['compressed']):.3f}-"
+              f"{max(times['compressed']):.3f}] -> {row['speed_vs_base']:.3f}x baseline speed, exact {exact}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama_1b")
@@ -93,7 +128,11 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=None, help="substrings of variant names to run")
     ap.add_argument("--offload", action="store_true", help="also measure accelerate cpu_offload")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.jsonl"))
+    ap.add_argument("--ab", default=None, help="interleaved A/B of this variant against the baseline")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.ab:
+        return interleaved(args)
     rows = []
 
     def emit(r):

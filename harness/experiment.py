@@ -7,11 +7,13 @@ results.json is rewritten after each phase so nothing measured is lost if a late
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from harness.artifacts import artifact_cache, compress_cached, model_identity
 from harness.codecs import make_codec
@@ -106,8 +108,17 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(e, HarnessError) else f"{type(e).__name__}: {text}"
 
 
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
+        match = re.search(r"Missing mandatory value: ?(\S+)", str(e))
+        key = match.group(1) if match else getattr(e, "full_key", "?")
+        raise HarnessError(f"{key} is required; set it on the command line, e.g. {key}=VALUE") from None
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "harness") -> dict[str, Any]:
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = resolved(cfg)
     results = ResultsFile(run_dir / "results.json", config, overrides)
     tracker = module = runtime = None
     fidelity_rows = None

@@ -363,7 +363,7 @@ def _load_error(name_or_path: str, err: OSError) -> str:
     if not _looks_local(name_or_path) and _hub_offline():
         return (
             f"model {name_or_path!r} not found locally and the hub is offline (HF_HUB_OFFLINE=1); "
-            "pass a local path or unset HF_HUB_OFFLINE"
+            "pass a local path or set HF_HUB_OFFLINE=0"
         )
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return f"could not load model {name_or_path!r}: {first_line}"

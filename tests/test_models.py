@@ -181,7 +181,7 @@ def test_hf_hub_id_while_offline(monkeypatch, gguf_file):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     expected = (
         "model 'nobody/not-a-model' not found locally and the hub is offline (HF_HUB_OFFLINE=1); "
-        "pass a local path or unset HF_HUB_OFFLINE"
+        "pass a local path or set HF_HUB_OFFLINE=0"
     )
     with pytest.raises(HarnessError) as err:
         load_model(model_cfg("hf", name_or_path="nobody/not-a-model", gguf_file=gguf_file))

@@ -397,7 +397,7 @@ def test_wandb_online_without_credentials_warns_and_completes(tmp_path):
 
 
 BAD_INPUT = {
-    "unknown_group_option": (["cache=lru2"], "unknown cache option 'lru2'; valid: full, lru, none, per_forward_pass, "
+    "unknown_group_option": (["cache=lru2"], "unknown cache option 'lru2'; valid: block, full, lru, none, per_forward_pass, "
                              "prefetch. Did you mean 'lru'?"),
     "unknown_policy": (["cache.name=lru2"], "unknown cache policy 'lru2'"),
     "negative_budget": (["cache=lru", "cache.budget_mb=-5"], "cache.budget_mb=-5 is invalid"),
@@ -406,6 +406,7 @@ BAD_INPUT = {
     "missing_gguf": (["model=hf", "model.name_or_path={tmp}", "model.gguf_file=missing.gguf"],
                      "gguf_file 'missing.gguf' not found"),
     "unknown_lm_eval_task": (["eval=fidelity", "eval.tasks=[nope]"], "unknown lm-eval task 'nope'"),
+    "missing_required_value": (["model=hf"], "model.name_or_path is required"),
 }
 
 
@@ -422,6 +423,8 @@ def test_bad_input_is_one_line_and_exit_2(harness_cli, tmp_path, case):
     assert "Traceback" not in proc.stderr
     if case == "unknown_group_option":  # refused before Hydra starts the job: no run dir
         assert not run_dir.exists() and proc.stderr.strip() == errors[0]
+    elif case == "missing_required_value":  # refused before the config resolves: nothing to record
+        assert not (run_dir / "results.json").exists()
     else:
         res = json.loads((run_dir / "results.json").read_text())
         assert res["status"] == "failed" and message in res["error"]
