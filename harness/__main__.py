@@ -23,7 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from harness.experiment import run
 
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parent / "conf"  # a link to the top-level conf/ (copied into wheels)
 OTHER_CONFIG_SOURCES = ("-cp", "--config-path", "-cd", "--config-dir", "-cn", "--config-name", "--experimental-rerun")
 
 

