@@ -61,6 +61,8 @@ VARIANTS = {
     "nvcomp gpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 2}, "gpu", 1.0, 1),
     "nvcomp gpu-placed, block (batched)": ("nvcomp_ans", "block", {}, "gpu", 1.0, 1),
     "nvcomp cpu-placed, block": ("nvcomp_ans", "block", {}, "cpu", 1.0, 1),
+    "nvcomp gpu-placed, block ahead (double-buffered)": ("nvcomp_ans", "block", {"ahead": 1}, "gpu", 1.0, 1),
+    "nvcomp cpu-placed, block ahead (double-buffered)": ("nvcomp_ans", "block", {"ahead": 1}, "cpu", 1.0, 1),
 }
 
 
