@@ -351,12 +351,19 @@ def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+ALIGN_BYTES = 64  # torch's CPU allocator alignment; decompressed weights always have it
+
+
 def _make_contiguous(model: torch.nn.Module) -> None:
-    # Bit-exact comparisons of compressed and original weights rely on identical memory layouts.
+    # Bit-exact comparisons of compressed and original weights rely on identical memory layouts, alignment
+    # included: safetensors loads parameters as views into its mapped file (data_ptr % 64 == 40 for SmolLM2),
+    # and CPU fp32 GEMM takes another path on such a pointer than on the aligned, freshly decompressed weight
+    # (logits differed by 3e-5 with one layer compressed). Copying also takes the weights out of the page cache,
+    # so the process's memory shows them.
     with torch.no_grad():
         for param in model.parameters():  # each shared (tied) parameter once; .data keeps the tie
-            if not param.is_contiguous():
-                param.data = param.data.contiguous()
+            if not param.is_contiguous() or param.data_ptr() % ALIGN_BYTES:
+                param.data = param.data.contiguous().clone()
         for module in model.modules():
             for name, buffer in module._buffers.items():
                 if buffer is not None and not buffer.is_contiguous():
