@@ -86,7 +86,8 @@ def summary_table(results: dict[str, Any]) -> str:
         lines.append(f"{'layers compressed':<{w}}{comp['layers_compressed']}/{comp['layers_total']}")
         lines.append(
             f"{'compression ratio':<{w}}{comp['compression_ratio']:.3f}x  "
-            f"({_mb(comp['original_bytes'])} -> {_mb(comp['compressed_bytes'])}, {comp['compress_time_s']:.2f} s)"
+            f"({_mb(comp['original_bytes'])} -> {_mb(comp['compressed_bytes'])}, {comp['compress_time_s']:.2f} s"
+            + (", artifact cache hit)" if comp.get("artifact_cache_hit") else ")")
         )
     if cmp_:
         lines.append(f"{'slowdown':<{w}}{cmp_['slowdown']:.2f}x")
