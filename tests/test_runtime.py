@@ -12,7 +12,7 @@ from harness.errors import HarnessError, IntegrityError
 from harness.generation import greedy_generate
 from harness.models import tiny_llama
 from harness.runtime import POLICIES, compress_model
-from harness.runtime.policies import block_of
+from harness.runtime.block import block_of
 from harness.selection import select_layers
 from harness.tokenizer import byte_tokenizer
 

@@ -10,10 +10,8 @@ Decompression itself (and its exact accounting) is the runtime's `decompress` / 
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -141,156 +139,6 @@ class LRU(_Keeping):
         super()._evict(index)
 
 
-def block_of(name: str) -> str:
-    """The transformer block a layer belongs to: the module path up to its last numeric component
-    ("model.layers.3.mlp.up_proj" -> "model.layers.3"); layers outside any block (lm_head) stand alone."""
-    match = re.match(r"^(.*\.\d+)\.", name)
-    return match.group(1) if match else name
-
-
-@dataclass
-class _Decoded:
-    """One block's weights in one scratch slot; `ready` marks the end of a side-stream decode (CUDA)."""
-
-    block: str
-    slot: int
-    weights: dict[int, torch.Tensor]
-    ready: torch.cuda.Event | None = None
-
-
-@POLICIES.register("block")
-class PerBlock(CachePolicy):
-    """DFloat11's design: at the first use of a block's compressed layer, decompress all of that block's
-    compressed layers together (one batched call where the codec has one, e.g. nvcomp_ans with the bytes in
-    VRAM) into a scratch buffer that every block reuses. A block's weights live until another block is entered
-    or the pass ends: one decompression per layer per pass, one block of dense weights resident.
-
-    `ahead=1` double-buffers: entering a block also decodes the next one (in the order of the previous pass)
-    into the second buffer, on CUDA on a side stream that waits for the compute stream to leave that buffer and
-    hands over with an event, so decoding overlaps compute. Like `prefetch`, the last pass decodes the next
-    pass's first block for nothing: L*P + (layers of the first block) decompressions for P >= 2 passes."""
-
-    name = "block"
-    ALIGN_BYTES = 256
-
-    def __init__(self, runtime: CompressedRuntime, ahead: int = 0) -> None:
-        super().__init__(runtime)
-        if ahead not in (0, 1):
-            raise HarnessError(f"cache.ahead={ahead} is invalid; block decodes 0 or 1 block ahead")
-        self.ahead = ahead
-        self._blocks: dict[str, list[CompressedLinear]] = {}
-        for layer in runtime.layers:
-            self._blocks.setdefault(block_of(layer.name), []).append(layer)
-        self._offsets: dict[int, int] = {}  # layer index -> byte offset in a scratch buffer
-        self.scratch_bytes = 0
-        for layers in self._blocks.values():
-            offset = 0
-            for layer in layers:
-                self._offsets[layer.index] = offset
-                offset += -(-layer.weight_nbytes // self.ALIGN_BYTES) * self.ALIGN_BYTES
-            self.scratch_bytes = max(self.scratch_bytes, offset)
-        self._scratch: list[torch.Tensor | None] = [None, None]
-        self._freed: list[torch.cuda.Event | None] = [None, None]  # compute stream done with the slot
-        self._current: _Decoded | None = None
-        self._pending: _Decoded | None = None  # decoded ahead
-        self._order: list[str] = []
-        self._previous_order: list[str] = []
-        self._side: torch.cuda.Stream | None = None
-
-    def acquire(self, layer, device):
-        block = block_of(layer.name)
-        if self._current is None or self._current.block != block:
-            self._enter(block, device)
-        return self._current.weights[layer.index]
-
-    def _enter(self, block: str, device: torch.device) -> None:
-        slot = self._leave(device)
-        self._order.append(block)
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.ready is not None:
-            torch.cuda.current_stream(device).wait_event(pending.ready)  # also before overwriting its slot
-        if pending is not None and pending.block == block:
-            self._current = pending
-        else:
-            if pending is not None:  # mispredicted: its slot is reused now
-                self._drop(pending)
-            slot = (slot + 1) % 2 if self.ahead else 0
-            self._current = _Decoded(block, slot, self._decode(block, slot, device))
-        if self.ahead:
-            self._decode_next(device)
-
-    def _decode_next(self, device: torch.device) -> None:
-        order = self._previous_order
-        position = len(self._order)  # the next block's position in this pass
-        if not order:
-            return
-        block = order[position % len(order)]  # past the end: the next pass's first block
-        if block == self._current.block:
-            return
-        slot = 1 - self._current.slot
-        if device.type != "cuda":
-            self._pending = _Decoded(block, slot, self._decode(block, slot, device))
-            return
-        if self._side is None:
-            self._side = torch.cuda.Stream(device)
-        with torch.cuda.stream(self._side):
-            if self._freed[slot] is not None:
-                self._side.wait_event(self._freed[slot])  # the compute stream has left this buffer
-            weights = self._decode(block, slot, device)
-            ready = torch.cuda.Event()
-            ready.record(self._side)
-        self._pending = _Decoded(block, slot, weights, ready)
-
-    def _decode(self, block: str, slot: int, device: torch.device) -> dict[int, torch.Tensor]:
-        scratch = self._scratch[slot]
-        if scratch is None or scratch.device != device:
-            scratch = self._scratch[slot] = torch.empty(self.scratch_bytes, dtype=torch.uint8, device=device)
-        layers = self._blocks[block]
-        outs = []
-        for layer in layers:
-            start, ct = self._offsets[layer.index], layer.ct
-            outs.append(scratch[start : start + ct.original_nbytes].view(ct.torch_dtype).view(ct.shape))
-        weights = self.runtime.decompress_many(layers, device, outs)
-        return {layer.index: w for layer, w in zip(layers, weights, strict=True)}
-
-    def _leave(self, device: torch.device | None) -> int:
-        """Drop the current block; returns its slot. On CUDA, mark when the compute stream is done with it."""
-        if self._current is None:
-            return 1  # so that the first block decoded goes to slot 0
-        slot = self._current.slot
-        if device is not None and device.type == "cuda":
-            freed = torch.cuda.Event()
-            freed.record(torch.cuda.current_stream(device))
-            self._freed[slot] = freed
-        self._drop(self._current)
-        self._current = None
-        return slot
-
-    def _drop(self, decoded: _Decoded) -> None:
-        for index in decoded.weights:
-            self.runtime.drop(self.runtime.layers[index])
-
-    def begin_pass(self):
-        device = None if self._current is None else next(iter(self._current.weights.values())).device
-        self._leave(device)
-        if self._order:
-            self._previous_order, self._order = self._order, []
-
-    def clear(self):
-        device = None if self._current is None else next(iter(self._current.weights.values())).device
-        self._leave(device)
-        if self._pending is not None:
-            if self._pending.ready is not None:
-                self._pending.ready.synchronize()
-            self._drop(self._pending)
-            self._pending = None
-        self._order, self._previous_order = [], []
-
-    def close(self):
-        self.clear()
-        self._scratch = [None, None]
-
-
 @POLICIES.register("prefetch")
 class Prefetch(CachePolicy):
     """While a layer runs, decompress the next `depth` layers (in the order seen in the previous pass) on a
@@ -384,3 +232,6 @@ def make_policy(name: str, runtime: CompressedRuntime, **options: Any) -> CacheP
         return cls(runtime, **options)
     except TypeError as e:  # an option this policy does not take
         raise HarnessError(f"cache={name}: {e}") from None
+
+
+from harness.runtime import block  # noqa: E402,F401  (registers "block"; it builds on CachePolicy above)
