@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import xxhash
 import zstandard
 
 from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, dtype_name, raw_bytes
@@ -293,6 +294,9 @@ class ZstdGroupedCodec(_ZstdBase):
                 "frame_offsets": _offsets(sizes),
                 "frame_nbytes": sizes,
                 "frame_kinds": "".join(kind for _, kind in frames),  # per frame, chunk-major: z = zstd, r = raw
+                # zstd frames check themselves; raw ones carry an xxh3, so that corruption after the runtime's
+                # first verified decode (compress.verify=first) is still caught on every decode
+                "raw_xxh3": {str(i): xxhash.xxh3_64_intdigest(f) for i, (f, kind) in enumerate(frames) if kind == "r"},
             },
         )
 
@@ -308,6 +312,7 @@ class ZstdGroupedCodec(_ZstdBase):
             ct.meta[k] for k in ("chunk_elems", "frame_offsets", "frame_nbytes", "frame_kinds")
         )
         n_planes = words.itemsize
+        raw_xxh3 = ct.meta["raw_xxh3"]
 
         def one(i: int) -> None:
             dst = words[i * chunk : (i + 1) * chunk]
@@ -316,6 +321,8 @@ class ZstdGroupedCodec(_ZstdBase):
                 f = i * n_planes + p
                 frame = src[offs[f] : offs[f] + sizes[f]]
                 if kinds[f] == "r":
+                    if xxhash.xxh3_64_intdigest(frame) != raw_xxh3[str(f)]:
+                        raise IntegrityError(f"raw frame {f} is corrupted (xxh3 mismatch)")
                     planes.append(frame)
                 else:
                     plane = _scratch(f"plane{p}", dst.size, np.uint8)
