@@ -25,7 +25,7 @@ from harness.results import ResultsFile, summary_table
 from harness.runner.module import GenerationModule
 from harness.runner.phase import compare, run_phase
 from harness.runtime import POLICIES
-from harness.runtime.runtime import PLACEMENTS, VERIFY_MODES
+from harness.runtime.runtime import VERIFY_MODES, check_placement
 from harness.selection import ORDERS, _parse_count
 from harness.tracking import make_tracker
 
@@ -39,10 +39,8 @@ def validate(cfg: DictConfig) -> None:
         raise HarnessError(f"compress.order={cfg.compress.order!r} is invalid; valid: {', '.join(ORDERS)}")
     if cfg.compress.verify not in VERIFY_MODES:
         raise HarnessError(f"compress.verify={cfg.compress.verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
-    make_codec(cfg.compress.codec, **codec_options(cfg))
+    check_placement(cfg.compress.placement, make_codec(cfg.compress.codec, **codec_options(cfg)))
     POLICIES.get(cfg.cache.name)
-    if cfg.compress.placement not in PLACEMENTS:
-        raise HarnessError(f"compress.placement={cfg.compress.placement!r} is invalid; valid: {', '.join(PLACEMENTS)}")
     if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
         raise HarnessError(f"cache.budget_mb={cfg.cache.budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
     if cfg.generate.max_new_tokens < 1 or cfg.generate.repeats < 1:

@@ -53,9 +53,10 @@ class PerBlock(CachePolicy):
         if ahead not in (0, 1):
             raise HarnessError(f"cache.ahead={ahead} is invalid; block decodes 0 or 1 block ahead")
         self.ahead = ahead
+        self._block_of = {layer.index: block_of(layer.name) for layer in runtime.layers}  # not on the hot path
         self._blocks: dict[str, list[CompressedLinear]] = {}
         for layer in runtime.layers:
-            self._blocks.setdefault(block_of(layer.name), []).append(layer)
+            self._blocks.setdefault(self._block_of[layer.index], []).append(layer)
         self._offsets: dict[int, int] = {}  # layer index -> byte offset in a scratch buffer
         self.scratch_bytes = 0
         for layers in self._blocks.values():
@@ -73,7 +74,7 @@ class PerBlock(CachePolicy):
         self._side: torch.cuda.Stream | None = None
 
     def acquire(self, layer, device):
-        block = block_of(layer.name)
+        block = self._block_of[layer.index]
         if self._current is None or self._current.block != block:
             self._enter(block, device)
         return self._current.weights[layer.index]

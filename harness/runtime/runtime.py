@@ -179,6 +179,13 @@ class CompressedRuntime:
 PLACEMENTS = ("cpu", "gpu")
 
 
+def check_placement(placement: str, codec: Codec) -> None:
+    if placement not in PLACEMENTS:
+        raise HarnessError(f"compress.placement={placement!r} is invalid; valid: {', '.join(PLACEMENTS)}")
+    if placement == "gpu" and codec.decode_device != "cuda":
+        raise HarnessError(f"compress.placement=gpu needs a GPU codec (nvcomp_ans), not {codec.name}; or use placement=cpu")
+
+
 def _place(payload: torch.Tensor, placement: str, weight_device: torch.device) -> torch.Tensor:
     """Compressed bytes live in host memory (pinned when CUDA is present, for async copies) or in VRAM."""
     if placement == "gpu":
@@ -215,10 +222,7 @@ def compress_model(
     `select_kwargs` (layers, order, include, exclude) are passed to `select_layers` when no selection is given.
     `precompressed` (layer name -> CompressedTensor, from harness.artifacts) replaces encoding those layers.
     """
-    if placement not in PLACEMENTS:
-        raise HarnessError(f"compress.placement={placement!r} is invalid; valid: {', '.join(PLACEMENTS)}")
-    if placement == "gpu" and codec.decode_device != "cuda":
-        raise HarnessError(f"compress.placement=gpu needs a GPU codec (nvcomp_ans), not {codec.name}; or use placement=cpu")
+    check_placement(placement, codec)
     if selection is None:
         selection = select_layers(model, **select_kwargs)
     runtime = CompressedRuntime(codec, verify=verify)
