@@ -63,6 +63,12 @@ VARIANTS = {
     "nvcomp cpu-placed, block": ("nvcomp_ans", "block", {}, "cpu", 1.0, 1),
     "nvcomp gpu-placed, block ahead (double-buffered)": ("nvcomp_ans", "block", {"ahead": 1}, "gpu", 1.0, 1),
     "nvcomp cpu-placed, block ahead (double-buffered)": ("nvcomp_ans", "block", {"ahead": 1}, "cpu", 1.0, 1),
+    # nvCOMP's batched C API with prebuilt pointer tables (harness/codecs/nvcomp_batched.py)
+    "ans-batched gpu-placed, none": ("nvcomp_ans_batched", "none", {}, "gpu", 1.0, 1),
+    "ans-batched gpu-placed, block": ("nvcomp_ans_batched", "block", {}, "gpu", 1.0, 1),
+    "ans-batched gpu-placed, block ahead": ("nvcomp_ans_batched", "block", {"ahead": 1}, "gpu", 1.0, 1),
+    "ans-batched cpu-placed, block ahead": ("nvcomp_ans_batched", "block", {"ahead": 1}, "cpu", 1.0, 1),
+    "ans-batched cpu-placed, prefetch": ("nvcomp_ans_batched", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
 }
 
 
@@ -87,38 +93,48 @@ def row_of(shape, batch, variant, res, base, extra):
 
 
 def interleaved(args) -> None:
-    """A/B with the host's drift spread evenly: a dense and a compressed model side by side on the GPU, their
-    phases alternated round by round (B A B A ...), every timed repeat pooled per side."""
-    codec, policy, opts, placement, share, threads = VARIANTS[args.ab]
+    """A/B with the host's drift spread evenly: a dense model and one compressed model per arm side by side on
+    the GPU, their phases alternated round by round, every timed repeat pooled per side."""
     dense, _ = build(args.shape)
-    comp, _ = build(args.shape)
-    n = max(1, round(share * len(select_layers(comp.model, "all").chosen)))
-    rt = compress_model(comp.model, make_codec(codec, level=3, threads=threads), policy=policy, policy_options=opts,
-                        attach=False, placement=placement, layers=n, progress=False)
-    modules = {"baseline": GenerationModule(dense.model, dense.tokenizer, args.tokens, args.tokens),
-               "compressed": GenerationModule(comp.model, comp.tokenizer, args.tokens, args.tokens)}
-    modules["compressed"].runtime = rt
+    modules = {"baseline": GenerationModule(dense.model, dense.tokenizer, args.tokens, args.tokens)}
+    for arm in args.ab:
+        codec, policy, opts, placement, share, threads = VARIANTS[arm]
+        comp, _ = build(args.shape)
+        n = max(1, round(share * len(select_layers(comp.model, "all").chosen)))
+        rt = compress_model(comp.model, make_codec(codec, level=3, threads=threads), policy=policy,
+                            policy_options=opts, attach=False, placement=placement, layers=n, progress=False)
+        modules[arm] = GenerationModule(comp.model, comp.tokenizer, args.tokens, args.tokens)
+        modules[arm].runtime = rt
+        gc.collect(); torch.cuda.empty_cache()
+    arms = list(modules)
     for b in args.batch:
-        times = {"baseline": [], "compressed": []}
-        exact = True
-        for _ in range(args.rounds):
+        times = {k: [] for k in arms}
+        exact = {k: True for k in arms}
+        host = {k: 0.0 for k in arms}
+        for r in range(args.rounds):
             res = {}
-            for side in ("compressed", "baseline"):
+            for side in arms[r % len(arms):] + arms[: r % len(arms)]:  # rotate who goes first
                 res[side] = measure(modules[side], b, args, side)
                 times[side] += [res[side].record.times_s[i] for i in res[side].timed]
-            exact &= compare(res["baseline"], res["compressed"])["outputs_match"]
+                host[side] += res[side].as_dict().get("decompress_time_s") or 0.0
+            for k in arms[1:]:
+                exact[k] &= compare(res["baseline"], res[k])["outputs_match"]
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        row = {"shape": args.shape, "batch": b, "variant": f"A/B interleaved: {args.ab}", "rounds": args.rounds,
-               "baseline_time_s": med["baseline"], "compressed_time_s": med["compressed"],
-               "baseline_min_max_s": [min(times["baseline"]), max(times["baseline"])],
-               "compressed_min_max_s": [min(times["compressed"]), max(times["compressed"])],
-               "speed_vs_base": med["baseline"] / med["compressed"], "bit_exact": exact,
-               "tok_s_baseline": b * args.tokens / med["baseline"], "tok_s_compressed": b * args.tokens / med["compressed"]}
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{args.shape} b={b} {args.ab}: baseline {med['baseline']:.3f}s [{min(times['baseline']):.3f}-"
-              f"{max(times['baseline']):.3f}] compressed {med['compressed']:.3f}s [{min(times['compressed']):.3f}-"
-              f"{max(times['compressed']):.3f}] -> {row['speed_vs_base']:.3f}x baseline speed, exact {exact}", flush=True)
+        for k in arms[1:]:
+            row = {"shape": args.shape, "batch": b, "variant": f"A/B interleaved: {k}", "rounds": args.rounds,
+                   "arms": arms, "baseline_time_s": med["baseline"], "compressed_time_s": med[k],
+                   "baseline_min_max_s": [min(times["baseline"]), max(times["baseline"])],
+                   "compressed_min_max_s": [min(times[k]), max(times[k])],
+                   "speed_vs_base": med["baseline"] / med[k], "bit_exact": exact[k],
+                   "tok_s_baseline": b * args.tokens / med["baseline"], "tok_s_compressed": b * args.tokens / med[k],
+                   # the runtime's host time to issue decodes, one generation per round
+                   "decompress_host_ms_per_token": 1e3 * host[k] / (args.rounds * args.tokens)}
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{args.shape} b={b} {k}: baseline {med['baseline']:.3f}s [{min(times['baseline']):.3f}-"
+                  f"{max(times['baseline']):.3f}] compressed {med[k]:.3f}s [{min(times[k]):.3f}-"
+                  f"{max(times[k]):.3f}] -> {row['speed_vs_base']:.3f}x baseline speed, exact {exact[k]}, decode host "
+                  f"{row['decompress_host_ms_per_token']:.2f} ms/token", flush=True)
 
 
 def main() -> None:
@@ -130,7 +146,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=None, help="substrings of variant names to run")
     ap.add_argument("--offload", action="store_true", help="also measure accelerate cpu_offload")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.jsonl"))
-    ap.add_argument("--ab", default=None, help="interleaved A/B of this variant against the baseline")
+    ap.add_argument("--ab", nargs="+", default=None, help="interleaved A/B of these variants against the baseline")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.ab:

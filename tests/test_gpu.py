@@ -30,19 +30,127 @@ def test_gpu_placement_needs_a_gpu_codec():
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("codec", ["nvcomp_ans", "nvcomp_ans_batched"])
 @pytest.mark.parametrize("placement,policy,options", [
     ("gpu", "none", {}), ("gpu", "block", {}), ("gpu", "block", {"ahead": 1}), ("cpu", "prefetch", {"depth": 2}),
     ("cpu", "block", {"ahead": 1}),
 ])
-def test_nvcomp_is_bit_exact_on_cuda(placement, policy, options):
+def test_nvcomp_is_bit_exact_on_cuda(codec, placement, policy, options):
     loaded = tiny_llama(seed=0, device="cuda")
     prompts = ["The capital of France is", "Lossless"]
     ref = greedy_generate(loaded.model, loaded.tokenizer, prompts, 5, 5)
     model = copy.deepcopy(loaded.model)
-    runtime = compress_model(model, make_codec("nvcomp_ans"), policy=policy, policy_options=options,
+    runtime = compress_model(model, make_codec(codec), policy=policy, policy_options=options,
                              placement=placement, layers="all", progress=False)
     out = greedy_generate(model, loaded.tokenizer, prompts, 5, 5)
     runtime.end_generation()
     assert torch.equal(out.logits, ref.logits) and out.new_token_ids == ref.new_token_ids
     assert all(layer.ct.payload.is_cuda == (placement == "gpu") for layer in runtime.layers)
     runtime.close()
+
+
+# -- nvcomp_ans_batched: the chunk layout is plain Python, checked without a GPU ------------------------------------
+from harness.codecs.base import CompressedTensor  # noqa: E402
+from harness.codecs.nvcomp_batched import (  # noqa: E402
+    ALIGN,
+    chunk_sizes,
+    chunk_tables,
+    header_words,
+    layout_of,
+    pack,
+    parse_header,
+)
+
+
+def test_chunk_sizes():
+    assert chunk_sizes(0, 4) == []
+    assert chunk_sizes(8, 4) == [4, 4]
+    assert chunk_sizes(10, 4) == [4, 4, 2]
+    assert chunk_sizes(3, 4) == [3]
+
+
+def _fake_payload(nbytes, chunk_bytes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(s) for s in torch.randint(1, 100, (len(chunk_sizes(nbytes, chunk_bytes)),), generator=g)]
+    chunks = [torch.randint(0, 256, (s,), dtype=torch.uint8, generator=g) for s in sizes]
+    return pack(header_words(nbytes, chunk_bytes, sizes), chunks), chunks
+
+
+@pytest.mark.parametrize("nbytes,chunk_bytes", [(1, 2), (4096, 1024), (5000, 1024), (3 * 65536 + 2, 65536)])
+def test_payload_layout_round_trip(nbytes, chunk_bytes):
+    payload, chunks = _fake_payload(nbytes, chunk_bytes)
+    layout = parse_header(payload)
+    assert (layout.nbytes, layout.chunk_bytes, layout.num_chunks) == (nbytes, chunk_bytes, len(chunks))
+    assert layout.data_start % ALIGN == 0 and all(o % ALIGN == 0 for o in layout.offsets)
+    for chunk, offset, size in zip(chunks, layout.offsets, layout.sizes, strict=False):
+        assert size == chunk.numel()
+        assert torch.equal(payload[layout.data_start + offset : layout.data_start + offset + size], chunk)
+    assert layout.data_start + layout.offsets[-1] == payload.numel()
+
+
+def test_chunk_tables_cover_every_output_byte_once():
+    cts = []
+    for k, (n, c) in enumerate([(5000, 1024), (2048, 1024), (10, 1024)]):
+        payload, _ = _fake_payload(n, c, seed=k)
+        cts.append(CompressedTensor("nvcomp_ans_batched", (n // 2,), "bfloat16", n, "", payload, {"data_type": 10}))
+    t = chunk_tables(cts)
+    assert t["which"] == [0] * 5 + [1] * 2 + [2]
+    for k, ct in enumerate(cts):
+        mine = [(r, s) for w, r, s in zip(t["which"], t["rel_out"], t["out_bytes"], strict=True) if w == k]
+        covered = sorted(mine)
+        assert covered[0][0] == 0 and all(a + s == b for (a, s), (b, _) in zip(covered, covered[1:], strict=False))
+        assert covered[-1][0] + covered[-1][1] == ct.original_nbytes
+        layout = layout_of(ct)
+        comp = [(r, s) for w, r, s in zip(t["which"], t["rel_comp"], t["comp_bytes"], strict=True) if w == k]
+        assert all(r + s <= ct.payload.numel() and r >= layout.data_start for r, s in comp)
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "size", "count", "length"])
+def test_damaged_payload_headers_are_rejected(damage):
+    payload, _ = _fake_payload(5000, 1024)
+    words = payload[: 8 * 16].clone().view(torch.int64)
+    if damage == "magic":
+        words[0] += 1
+    elif damage == "count":
+        words[3] += 1
+    elif damage == "size":
+        words[4 + 6 + 2] = 10**6  # chunk 2's size runs past chunk 3's start
+    payload[: 8 * 16] = words.view(torch.uint8)
+    if damage == "truncated":
+        payload = payload[:30]
+    elif damage == "length":
+        payload = torch.cat([payload, torch.zeros(16, dtype=torch.uint8)])
+    with pytest.raises(ValueError):
+        parse_header(payload)
+    ct = CompressedTensor("nvcomp_ans_batched", (2500,), "bfloat16", 5000, "", payload, {"data_type": 10})
+    with pytest.raises(ValueError):
+        layout_of(ct)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_batched_codec_without_cuda_is_a_clean_error():
+    with pytest.raises(HarnessError, match="nvcomp_ans_batched decodes on the GPU"):
+        make_codec("nvcomp_ans_batched")
+
+
+@pytest.mark.gpu
+@cuda
+def test_batched_decode_stays_exact_when_buffers_grow():
+    """A keyed repeat call reuses its prepared arguments; a larger call in between grows the temp buffer,
+    which must invalidate them (a stale temp pointer would be a use-after-free)."""
+    codec = make_codec("nvcomp_ans_batched", chunk_bytes=1 << 12)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    small = [(torch.randn(n, 64, device="cuda", generator=g) * 0.02).to(torch.bfloat16) for n in (8, 100)]
+    large = [(torch.randn(n, 64, device="cuda", generator=g) * 0.02).to(torch.bfloat16) for n in (3000, 5000)]
+    cs, cl = [codec.encode(t) for t in small], [codec.encode(t) for t in large]
+    outs_s, outs_l = [torch.empty_like(t) for t in small], [torch.empty_like(t) for t in large]
+    for _ in range(2):
+        codec.decode_many(cs, outs_s, key="small")
+        codec.decode_many(cl, outs_l, key="large")
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, t) for o, t in zip(outs_s + outs_l, small + large, strict=True))
+        for o in outs_s + outs_l:
+            o.zero_()
+    single = codec.decode(cl[1])
+    assert torch.equal(single, large[1])
+    codec.close()

@@ -100,6 +100,10 @@ class Codec(ABC):
         """The settings that change the compressed bytes (part of an artifact-cache key)."""
         return {}
 
+    def close(self) -> None:
+        """Release buffers the codec keeps between calls (GPU codecs); the runtime calls it when it closes."""
+        return None
+
 
 def make_codec(name: str, **settings: Any) -> Codec:
     """Build a codec by registry name; unknown names raise HarnessError listing the valid ones."""

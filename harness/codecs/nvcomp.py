@@ -94,7 +94,7 @@ class NvcompANS(Codec):
         )
         return out
 
-    def decode_many(self, cts: list[CompressedTensor], outs: list[torch.Tensor]) -> None:
+    def decode_many(self, cts: list[CompressedTensor], outs: list[torch.Tensor], key: Any = None) -> None:
         """Decode several GPU-resident tensors in ONE batched nvCOMP call (a transformer block's weights).
 
         The batch wrappers and the decompression config are built once per (layers, output buffer) and reused

@@ -90,28 +90,34 @@ class CompressedRuntime:
         self.stats.hold(layer.weight_nbytes)
         return w
 
-    def decompress_many(self, layers: list[CompressedLinear], device: torch.device, outs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Several layers at once: one batched call when the codec has one and the bytes sit on `device`."""
+    def decompress_many(
+        self, layers: list[CompressedLinear], device: torch.device, outs: list[torch.Tensor], key: Any = None
+    ) -> list[torch.Tensor]:
+        """Several layers at once: one batched call when the codec has one and the bytes sit on `device`
+        (or the codec stages host bytes itself). Called once per block per pass: kept lean on host time.
+        `key` names this (layers, outputs) combination for the codec's prepared-call cache."""
         batched = getattr(self.codec, "decode_many", None)
-        if batched is None or any(layer.ct.payload.device != device for layer in layers):
+        if batched is None or not (
+            getattr(self.codec, "stages_host_payloads", False) or all(layer.ct.payload.device == device for layer in layers)
+        ):
             return [self.decompress(layer, device, out) for layer, out in zip(layers, outs, strict=True)]
         start = time.perf_counter()
-        with self._corruption_named(", ".join(layer.name for layer in layers)):
-            batched([layer.ct for layer in layers], outs)
-        share_s = (time.perf_counter() - start) / len(layers)
-        for layer, w in zip(layers, outs, strict=True):
-            self._verify(layer, w)
-            self.stats.count_decompression(layer.name, layer.weight_nbytes, share_s)
-            self.stats.hold(layer.weight_nbytes)
+        with self._corruption_named(layers):
+            batched([layer.ct for layer in layers], outs, key=key)
+        if self.verify == "always" or (self.verify == "first" and not self._verified.issuperset(layer.index for layer in layers)):
+            for layer, w in zip(layers, outs, strict=True):
+                self._verify(layer, w)
+        self.stats.count_many(layers, time.perf_counter() - start)
         return outs
 
     @contextmanager
-    def _corruption_named(self, names: str):
+    def _corruption_named(self, what: str | list[CompressedLinear]):
         try:
             yield
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # a codec that cannot parse its own bytes: corruption, not a user error
+            names = what if isinstance(what, str) else ", ".join(layer.name for layer in what)
             raise IntegrityError(f"layer {names}: cannot decompress its weight ({e}); the compressed bytes are corrupted") from e
 
     def _verify(self, layer: CompressedLinear, w: torch.Tensor) -> None:
@@ -158,6 +164,7 @@ class CompressedRuntime:
     def close(self) -> None:
         if self.policy is not None:
             self.policy.close()
+        self.codec.close()
         self.detach()
 
     def layer_table(self) -> list[dict[str, Any]]:

@@ -34,6 +34,24 @@ class Stats:
             self.decompress_time_s += seconds
             self.bytes_decompressed += nbytes
 
+    def count_many(self, layers, seconds: float) -> None:
+        """Decompressions of several layers (`.name`, `.weight_nbytes`) in one call, which took `seconds`
+        in all; they become resident together. One lock for the whole block."""
+        nbytes = sum(layer.weight_nbytes for layer in layers)
+        with self._lock:
+            self.decompressions_per_layer.update(layer.name for layer in layers)
+            self.bytes_decompressed += nbytes
+            self.resident_bytes += nbytes
+            self.decompressions += len(layers)
+            if self.decompressions_per_pass:
+                self.decompressions_per_pass[-1] += len(layers)
+            self.decompress_time_s += seconds
+            self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    def unhold_many(self, nbytes: int) -> None:
+        with self._lock:
+            self.resident_bytes -= nbytes
+
     def hold(self, nbytes: int) -> None:
         with self._lock:
             self.resident_bytes += nbytes
