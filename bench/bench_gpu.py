@@ -54,8 +54,11 @@ def build(shape: str):
 
 VARIANTS = {
     # name: (codec, policy, policy options, placement, share of eligible layers, codec threads)
+    # a "depth" of None means: as many layers as are compressed (prefetch them all during the dense part)
     "prototype (zstd cpu, per_forward_pass)": ("zstd", "per_forward_pass", {}, "cpu", PROTOTYPE_SHARE, 1),
     "zstd_grouped cpu x16 threads, prefetch": ("zstd_grouped", "prefetch", {"depth": 4}, "cpu", PROTOTYPE_SHARE, 16),
+    "zstd_grouped L1 cpu x4 threads, prefetch all x4 workers": (
+        "zstd_grouped", "prefetch", {"depth": None, "workers": 4}, "cpu", PROTOTYPE_SHARE, 4),
     "nvcomp cpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
     "nvcomp gpu-placed, none": ("nvcomp_ans", "none", {}, "gpu", 1.0, 1),
     "nvcomp gpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 2}, "gpu", 1.0, 1),
@@ -67,13 +70,30 @@ VARIANTS = {
     "ans-batched gpu-placed, none": ("nvcomp_ans_batched", "none", {}, "gpu", 1.0, 1),
     "ans-batched gpu-placed, block": ("nvcomp_ans_batched", "block", {}, "gpu", 1.0, 1),
     "ans-batched gpu-placed, block ahead": ("nvcomp_ans_batched", "block", {"ahead": 1}, "gpu", 1.0, 1),
+    "ans-batched cpu-placed, block": ("nvcomp_ans_batched", "block", {}, "cpu", 1.0, 1),
     "ans-batched cpu-placed, block ahead": ("nvcomp_ans_batched", "block", {"ahead": 1}, "cpu", 1.0, 1),
     "ans-batched cpu-placed, prefetch": ("nvcomp_ans_batched", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
 }
+LEVEL = {"zstd_grouped L1 cpu x4 threads, prefetch all x4 workers": 1}  # default 3
+SLOW = ("prototype", "zstd")  # variants measured over --slow-tokens (CPU decode per token: minutes otherwise)
+
+
+def make_runtime(model, variant: str, eligible: int):
+    codec, policy, opts, placement, share, threads = VARIANTS[variant]
+    n = max(1, round(share * eligible))
+    opts = {k: (n if v is None else v) for k, v in opts.items()}
+    rt = compress_model(model, make_codec(codec, level=LEVEL.get(variant, 3), threads=threads), policy=policy,
+                        policy_options=opts, attach=False, placement=placement, layers=n, progress=False)
+    return rt, n
+
+
+def tokens_for(variant: str, args) -> int:
+    return args.slow_tokens if variant.startswith(SLOW) and args.slow_tokens else args.tokens
 
 
 def measure(module, batch, args, name):
-    res = run_phase(name, module, callbacks(), prompts(batch), args.repeats, 1, "gpu", progress=False)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"  # cpu: smoke tests of this script only
+    res = run_phase(name, module, callbacks(), prompts(batch), args.repeats, 1, accelerator, progress=False)
     return res
 
 
@@ -98,11 +118,8 @@ def interleaved(args) -> None:
     dense, _ = build(args.shape)
     modules = {"baseline": GenerationModule(dense.model, dense.tokenizer, args.tokens, args.tokens)}
     for arm in args.ab:
-        codec, policy, opts, placement, share, threads = VARIANTS[arm]
         comp, _ = build(args.shape)
-        n = max(1, round(share * len(select_layers(comp.model, "all").chosen)))
-        rt = compress_model(comp.model, make_codec(codec, level=3, threads=threads), policy=policy,
-                            policy_options=opts, attach=False, placement=placement, layers=n, progress=False)
+        rt, _ = make_runtime(comp.model, arm, len(select_layers(comp.model, "all").chosen))
         modules[arm] = GenerationModule(comp.model, comp.tokenizer, args.tokens, args.tokens)
         modules[arm].runtime = rt
         gc.collect(); torch.cuda.empty_cache()
@@ -148,6 +165,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.jsonl"))
     ap.add_argument("--ab", nargs="+", default=None, help="interleaved A/B of these variants against the baseline")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--slow-tokens", type=int, default=None,
+                    help="tokens for the CPU-decode variants and accelerate's offload (each against its own baseline)")
     args = ap.parse_args()
     if args.ab:
         return interleaved(args)
@@ -161,30 +180,30 @@ def main() -> None:
 
     loaded, build_s = build(args.shape)
     print(f"built {args.shape} in {build_s:.1f} s on {torch.cuda.get_device_name()}", flush=True)
-    module = GenerationModule(loaded.model, loaded.tokenizer, args.tokens, args.tokens)
-    baselines = {}
-    for b in args.batch:
-        baselines[b] = measure(module, b, args, "baseline")
-        emit(row_of(args.shape, b, "baseline bf16", baselines[b], None, {}))
+    baselines = {}  # (batch, tokens) -> baseline phase; slow variants run fewer tokens, against their own baseline
+    for tokens in sorted({args.tokens, args.slow_tokens or args.tokens}, reverse=True):
+        module = GenerationModule(loaded.model, loaded.tokenizer, tokens, tokens)
+        for b in args.batch:
+            baselines[(b, tokens)] = measure(module, b, args, "baseline")
+            emit(row_of(args.shape, b, "baseline bf16", baselines[(b, tokens)], None, {"tokens": tokens}))
+        module.close()
     eligible = len(select_layers(loaded.model, "all").chosen)
-    module.close()
     del module, loaded
     gc.collect(); torch.cuda.empty_cache()
 
-    for variant, (codec, policy, opts, placement, share, threads) in VARIANTS.items():
+    for variant in VARIANTS:
         if args.variants and not any(s in variant for s in args.variants):
             continue
         loaded, _ = build(args.shape)
-        n = max(1, round(share * eligible))
         try:
-            rt = compress_model(loaded.model, make_codec(codec, level=3, threads=threads), policy=policy,
-                                policy_options=opts, attach=False, placement=placement, layers=n, progress=False)
+            rt, n = make_runtime(loaded.model, variant, eligible)
             gc.collect(); torch.cuda.empty_cache()
-            module = GenerationModule(loaded.model, loaded.tokenizer, args.tokens, args.tokens)
+            tokens = tokens_for(variant, args)
+            module = GenerationModule(loaded.model, loaded.tokenizer, tokens, tokens)
             module.runtime = rt
             for b in args.batch:
                 res = measure(module, b, args, "compressed")
-                emit(row_of(args.shape, b, variant, res, baselines[b], {
+                emit(row_of(args.shape, b, variant, res, baselines[(b, tokens)], {"tokens": tokens,
                     "layers": f"{n}/{rt.report.layers_total}", "ratio": rt.report.compression_ratio,
                     "decompress_host_s": res.as_dict().get("decompress_time_s")}))
             rt.close()
@@ -201,17 +220,19 @@ def main() -> None:
         loaded.model.to("cpu")
         cpu_offload(loaded.model, execution_device=0)
         gc.collect(); torch.cuda.empty_cache()
-        module = GenerationModule(loaded.model, loaded.tokenizer, args.tokens, args.tokens)
+        tokens = args.slow_tokens or args.tokens
+        module = GenerationModule(loaded.model, loaded.tokenizer, tokens, tokens)
         for b in args.batch[:1]:
             res = measure(module, b, args, "offload")
-            emit(row_of(args.shape, b, "accelerate cpu_offload (bf16)", res, baselines[b], {}))
+            emit(row_of(args.shape, b, "accelerate cpu_offload (bf16)", res, baselines[(b, tokens)], {"tokens": tokens}))
 
-    print(f"\n{'shape':9} {'b':>2} {'variant':40} {'tok/s':>8} {'x base':>7} {'peak GB':>8} {'x base':>6} {'wVRAM x':>7} {'dec/pass':>8} exact")
+    print(f"\n{torch.cuda.get_device_name()}")
+    print(f"{'shape':9} {'b':>2} {'variant':56} {'tok/s':>8} {'x base':>7} {'peak GB':>8} {'x base':>6} {'wVRAM x':>7} {'dec/pass':>8} exact")
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:9}    {r['variant']:40} ERROR {r['error'][:80]}")
+            print(f"{r['shape']:9}    {r['variant']:56} ERROR {r['error'][:80]}")
             continue
-        print(f"{r['shape']:9} {r['batch']:>2} {r['variant']:40} {r['tok_s']:8.2f} {r.get('speed_vs_base', 1):7.3f} "
+        print(f"{r['shape']:9} {r['batch']:>2} {r['variant']:56} {r['tok_s']:8.2f} {r.get('speed_vs_base', 1):7.3f} "
               f"{r['peak_bytes'] / 1e9:8.3f} {r.get('peak_vs_base', 1):6.3f} {r.get('weights_vs_base', 1):7.3f} "
               f"{(r['decompressions_per_pass'] or 0):8.1f} {'✓' if r.get('bit_exact', True) else '✗'}")
 
