@@ -210,13 +210,14 @@ def compress_cached(
     order: str = "first",
     include: Any = None,
     exclude: Any = None,
+    embeddings: bool = False,
     **compress_kwargs: Any,
 ) -> CompressedRuntime:
     """`compress_model` through the artifact cache: on a hit the compressed layers are loaded, on a miss they are
     compressed and stored. The report's compress_time_s is then the whole wait (hash + load, or hash + compress +
     store), artifact_time_s the cache's share of it, artifact_cache_hit None when no cache is used."""
     if selection is None:
-        selection = select_layers(model, layers, order, include, exclude)
+        selection = select_layers(model, layers, order, include, exclude, embeddings)
     if cache is None or not selection.chosen:
         return compress_model(model, codec, selection=selection, **compress_kwargs)
     start = time.perf_counter()

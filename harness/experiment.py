@@ -39,6 +39,8 @@ def validate(cfg: DictConfig) -> None:
         raise HarnessError(f"compress.order={cfg.compress.order!r} is invalid; valid: {', '.join(ORDERS)}")
     if cfg.compress.verify not in VERIFY_MODES:
         raise HarnessError(f"compress.verify={cfg.compress.verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
+    if not isinstance(cfg.compress.get("embeddings", False), bool):
+        raise HarnessError(f"compress.embeddings={cfg.compress.embeddings!r} is invalid; use true or false")
     check_placement(cfg.compress.placement, make_codec(cfg.compress.codec, **codec_options(cfg)))
     POLICIES.get(cfg.cache.name)
     if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
@@ -157,6 +159,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
             order=cfg.compress.order,
             include=cfg.compress.include,
             exclude=cfg.compress.exclude,
+            embeddings=bool(cfg.compress.get("embeddings", False)),
             placement=cfg.compress.placement,
         )
         module.runtime = runtime

@@ -1,4 +1,5 @@
-"""Which weight-bearing linear layers to compress: a count with an order, or all, filtered by regexes."""
+"""Which weight-bearing layers to compress: a count of linear layers with an order, or all, filtered by regexes;
+optionally every (untied) embedding table as well."""
 
 from __future__ import annotations
 
@@ -94,7 +95,11 @@ def select_layers(
     order: str = "first",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    embeddings: bool = False,
 ) -> Selection:
+    """`layers` linear layers (a count or all) in `order`, then, with `embeddings`, every nn.Embedding whose
+    table is not shared with another module (a tied input embedding is skipped with the reason). Embeddings do
+    not take places in the count; they add to both X and Y of "X/Y"."""
     if order not in ORDERS:
         raise HarnessError(f"compress.order={order!r} is invalid; valid: {', '.join(ORDERS)}")
     count = _parse_count(layers)
@@ -130,4 +135,21 @@ def select_layers(
     else:  # largest first; ties keep model order (sorted is stable)
         picked = set(id(c) for c in sorted(eligible, key=lambda c: -c.numel)[:count])
         chosen = [c for c in eligible if id(c) in picked]
-    return Selection(chosen=chosen, total=len(all_linear), skipped=skipped)
+    total = len(all_linear)
+    if embeddings:
+        uses: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            uses.setdefault(id(p), []).append(name)
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Embedding):
+                continue
+            total += 1
+            others = [n for n in uses.get(id(module.weight), []) if n != f"{name}.weight"]
+            if others:
+                skipped[name] = (f"embedding table tied to {others[0]} (compressing it would leave that user dense; "
+                                 "a tied table needs a chunked output layer, not built)")
+            elif module.max_norm is not None:
+                skipped[name] = "embedding with max_norm (its lookup rewrites the table)"
+            elif (not inc or any(p.search(name) for p in inc)) and not (exc and any(p.search(name) for p in exc)):
+                chosen.append(Candidate(name, module))
+    return Selection(chosen=chosen, total=total, skipped=skipped)

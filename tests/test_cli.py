@@ -51,6 +51,7 @@ def test_wandb_offline_run_files(harness_cli, tmp_path):
         ("compress.codec=zstd_grouppd", "Did you mean 'zstd_grouped'"),
         ("cache.budget_mb=0", "cache.budget_mb=0 is invalid"),
         ("device=cuda", "torch.cuda.is_available() is False"),
+        ("compress.embeddings=maybe", "compress.embeddings='maybe' is invalid"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(harness_cli, tmp_path, override, message):

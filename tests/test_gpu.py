@@ -154,3 +154,35 @@ def test_batched_decode_stays_exact_when_buffers_grow():
     single = codec.decode(cl[1])
     assert torch.equal(single, large[1])
     codec.close()
+
+
+def test_row_aligned_chunks_hold_whole_rows():
+    from harness.codecs.nvcomp_batched import row_aligned_chunk_bytes
+    assert row_aligned_chunk_bytes((128256, 2048), 2, 1 << 18) == 1 << 18  # 64 rows of 4 KiB
+    assert row_aligned_chunk_bytes((49152, 576), 2, 1 << 18) == 1152 * 227  # SmolLM2: 227 rows of 1152 B
+    assert row_aligned_chunk_bytes((10, 1 << 20), 2, 1 << 18) == 1 << 18  # rows larger than a chunk
+    assert row_aligned_chunk_bytes((1000,), 2, 1 << 18) == 1 << 18
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("policy,options", [("block", {}), ("block", {"ahead": 1}), ("none", {})])
+def test_compressed_embedding_rows_decode_bit_exact_on_cuda(policy, options):
+    """GPU-resident embedding table: after the verifying first lookup, each lookup decodes only its rows'
+    chunks (decode_rows); every output bit-identical, one decompression per pass."""
+    loaded = tiny_llama(seed=0, device="cuda")
+    prompts = ["The capital of France is", "Lossless"]
+    ref = greedy_generate(loaded.model, loaded.tokenizer, prompts, 5, 5)
+    model = copy.deepcopy(loaded.model)
+    codec = make_codec("nvcomp_ans_batched", chunk_bytes=1 << 12)
+    runtime = compress_model(model, codec, policy=policy, policy_options=options, placement="gpu", layers="all",
+                             embeddings=True, progress=False)
+    calls = []
+    original = codec.decode_rows
+    codec.decode_rows = lambda ct, ids: calls.append(ids.numel()) or original(ct, ids)
+    out = greedy_generate(model, loaded.tokenizer, prompts, 5, 5)
+    runtime.end_generation()
+    assert torch.equal(out.logits, ref.logits) and out.new_token_ids == ref.new_token_ids
+    assert runtime.stats.decompressions_per_layer["model.embed_tokens"] == 5
+    assert calls == [2, 2, 2, 2]  # the prefill verified the whole table; then 2 rows (one per sequence) a step
+    runtime.close()

@@ -231,3 +231,48 @@ def test_corrupted_bytes_raise_naming_the_layer(baseline):
     victim.ct.payload[victim.ct.payload.numel() // 2] ^= 0xFF
     with pytest.raises(IntegrityError, match=victim.name):
         generate(model, n=1)
+
+
+@pytest.mark.parametrize("policy", ["none", "per_forward_pass", "block"])
+def test_embeddings_compressed_bit_exact_one_lookup_per_pass(baseline, policy):
+    """compress.embeddings: the untied input table is compressed too; each pass looks it up once (a counted
+    decompression outside the cache policy), outputs stay bit-identical."""
+    loaded, ref = baseline
+    model, runtime = compressed_copy(loaded, policy, layers="all", embeddings=True)
+    assert type(model.model.model.embed_tokens).__name__ == "CompressedEmbedding"
+    assert not list(model.model.model.embed_tokens.parameters())  # the dense table is gone
+    out = generate(model)
+    runtime.end_generation()
+    assert torch.equal(out.logits, ref.logits) and out.new_token_ids == ref.new_token_ids
+    L = runtime.report.layers_compressed
+    assert L == LAYERS + 2 and runtime.report.layers_total == LAYERS + 2  # + lm_head + embed_tokens
+    stats = runtime.stats.snapshot()
+    assert stats["decompressions"] == L * NEW
+    assert stats["decompressions_per_layer"]["model.embed_tokens"] == NEW
+    assert runtime.stats.resident_bytes == 0
+    runtime.close()
+
+
+def test_tied_embeddings_are_skipped_with_a_reason():
+    loaded = tiny_llama(seed=0, tie_word_embeddings=True)
+    sel = select_layers(loaded.model, "all", embeddings=True)
+    assert "model.embed_tokens" in sel.skipped and "tied to lm_head.weight" in sel.skipped["model.embed_tokens"]
+    assert "lm_head" in sel.skipped
+    assert sel.total == LAYERS + 2 and len(sel.chosen) == LAYERS
+    # embeddings do not take places in the count; include/exclude apply to them too
+    untied = tiny_llama(seed=0).model
+    assert [c.name for c in select_layers(untied, 1, embeddings=True).chosen] == ["model.layers.0.self_attn.q_proj", "model.embed_tokens"]
+    assert "model.embed_tokens" not in select_layers(untied, 1, embeddings=True, exclude="embed").names
+
+
+def test_gpt2_position_embeddings_compress_bit_exact():
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=259, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    tok = byte_tokenizer()
+    ref = greedy_generate(model, tok, PROMPTS, max_new_tokens=4, min_new_tokens=4)
+    runtime = compress_model(model, make_codec("zstd"), layers="all", policy="none", embeddings=True, progress=False)
+    assert [layer.name for layer in runtime.layers][-1] == "transformer.wpe"  # wte is tied to lm_head: skipped
+    out = greedy_generate(model, tok, PROMPTS, max_new_tokens=4, min_new_tokens=4)
+    assert torch.equal(out.logits, ref.logits)
+    assert runtime.stats.decompressions == 9 * 4

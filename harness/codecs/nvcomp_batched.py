@@ -95,6 +95,18 @@ def parse_header(payload: torch.Tensor) -> Layout:
     return Layout(nbytes, chunk_bytes, offsets, sizes, start)
 
 
+def row_aligned_chunk_bytes(shape: tuple[int, ...], element_size: int, target: int) -> int:
+    """The chunk size for a tensor: whole rows (last dimension) per chunk, as close to `target` as fits, so that
+    an embedding lookup can decode just the chunks holding its rows. Rows larger than `target` (or tensors of
+    one dimension) use `target`; nvCOMP takes chunks up to 16 MiB, of even size for 16-bit data."""
+    if len(shape) < 2:
+        return target
+    row = shape[-1] * element_size
+    if row > target:
+        return target
+    return row * (target // row)
+
+
 def layout_of(ct: CompressedTensor) -> Layout:
     """The chunk layout of a CompressedTensor's payload, parsed once per object."""
     layout = getattr(ct, "_nvans_layout", None)
@@ -279,34 +291,35 @@ class NvcompANSBatched(Codec):
             src = src.cuda()
         flat = src.view(-1).view(torch.uint8)
         n, device, state = flat.numel(), flat.device, self._state()
-        sizes = chunk_sizes(n, self.chunk_bytes)
+        chunk_bytes = row_aligned_chunk_bytes(tuple(t.shape), t.element_size(), self.chunk_bytes)
+        sizes = chunk_sizes(n, chunk_bytes)
         num = len(sizes)
         opts = _CompressOpts()
         opts.data_type = data_type
         max_out = ctypes.c_size_t()
-        _check(self.lib.nvcompBatchedANSCompressGetMaxOutputChunkSize(self.chunk_bytes, opts, ctypes.byref(max_out)), "max output size")
+        _check(self.lib.nvcompBatchedANSCompressGetMaxOutputChunkSize(chunk_bytes, opts, ctypes.byref(max_out)), "max output size")
         stride = align_up(max_out.value)
         temp_bytes = ctypes.c_size_t()
-        _check(self.lib.nvcompBatchedANSCompressGetTempSize(num, self.chunk_bytes, opts, ctypes.byref(temp_bytes), n, state["stream"]), "temp size")
+        _check(self.lib.nvcompBatchedANSCompressGetTempSize(num, chunk_bytes, opts, ctypes.byref(temp_bytes), n, state["stream"]), "temp size")
         temp = torch.empty(max(temp_bytes.value, 1), dtype=torch.uint8, device=device)
         out = torch.empty(num * stride, dtype=torch.uint8, device=device)
-        in_ptrs = _ptr_table([flat.data_ptr() + i * self.chunk_bytes for i in range(num)], device)
+        in_ptrs = _ptr_table([flat.data_ptr() + i * chunk_bytes for i in range(num)], device)
         in_bytes = _ptr_table(sizes, device)
         out_ptrs = _ptr_table([out.data_ptr() + i * stride for i in range(num)], device)
         out_bytes = torch.zeros(num, dtype=torch.int64, device=device)
         statuses = torch.zeros(num, dtype=torch.int32, device=device)
         _check(self.lib.nvcompBatchedANSCompressAsync(
-            in_ptrs.data_ptr(), in_bytes.data_ptr(), self.chunk_bytes, num, temp.data_ptr(), temp.numel(),
+            in_ptrs.data_ptr(), in_bytes.data_ptr(), chunk_bytes, num, temp.data_ptr(), temp.numel(),
             out_ptrs.data_ptr(), out_bytes.data_ptr(), opts, statuses.data_ptr(), state["stream"]), "compress")
         torch.cuda.current_stream().synchronize()
         if bool((statuses != 0).any()):
             raise RuntimeError(f"nvCOMP compress: chunk statuses {statuses.unique().tolist()}")
         comp_sizes = out_bytes.tolist()
         chunks = [out[i * stride : i * stride + size] for i, size in enumerate(comp_sizes)]
-        payload = pack(header_words(n, self.chunk_bytes, comp_sizes), chunks)
+        payload = pack(header_words(n, chunk_bytes, comp_sizes), chunks)
         return CompressedTensor(
             codec=self.name, shape=tuple(t.shape), dtype=dtype_name(t.dtype), original_nbytes=n,
-            checksum=checksum(src), payload=payload, meta={"data_type": data_type, "chunk_bytes": self.chunk_bytes},
+            checksum=checksum(src), payload=payload, meta={"data_type": data_type, "chunk_bytes": chunk_bytes},
         )
 
     # -- decode -------------------------------------------------------------------------------------------------------
@@ -404,6 +417,46 @@ class NvcompANSBatched(Codec):
         if key is not None and srcs[0] is cts[0].payload:  # staged bytes must be copied every time: no fast path
             state["prepared"][key] = entry
         self._call(entry.args)
+
+    def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a 2-D tensor (an embedding lookup, `F.embedding(ids, w)` bit for bit), decoding only
+        the chunk that holds each row: one chunk per id (duplicates decode twice; a lookup of more ids than the
+        table has chunks decodes the whole table instead). No host synchronisation: chunk pointers are gathered
+        on the GPU from a per-table pointer table."""
+        layout = layout_of(ct)
+        rows, width = ct.shape
+        row_bytes = width * ct.torch_dtype.itemsize
+        if len(ct.shape) != 2 or layout.chunk_bytes % row_bytes:
+            raise ValueError(f"decode_rows needs whole rows per chunk (chunk {layout.chunk_bytes} B, row {row_bytes} B)")
+        flat = ids.reshape(-1)
+        n = flat.numel()
+        device = ids.device
+        if n >= layout.num_chunks:
+            return torch.nn.functional.embedding(ids, self.decode(ct))
+        state = self._state()
+        src = ct.payload
+        if src.device != device:
+            raise ValueError("decode_rows reads the compressed bytes in place: they must be on the ids' device")
+        tables = getattr(ct, "_nvans_rows", None)
+        if tables is None or tables["device"] != device or tables["src"] != src.data_ptr():
+            t = chunk_tables([ct])
+            tables = ct._nvans_rows = {
+                "device": device, "src": src.data_ptr(),
+                "comp": _ptr_table([src.data_ptr() + r for r in t["rel_comp"]], device),
+                "comp_bytes": _ptr_table(t["comp_bytes"], device), "out_bytes": _ptr_table(t["out_bytes"], device),
+                "arange": torch.arange(0, layout.num_chunks, dtype=torch.int64, device=device), "temp": {},
+            }
+        per_chunk = layout.chunk_bytes // row_bytes
+        chunk = torch.div(flat, per_chunk, rounding_mode="floor")
+        out = torch.empty((n, layout.chunk_bytes), dtype=torch.uint8, device=device)
+        out_ptrs = tables["arange"][:n] * layout.chunk_bytes + out.data_ptr()
+        temp_bytes = tables["temp"].get(n)
+        if temp_bytes is None:
+            temp_bytes = tables["temp"][n] = self._temp_bytes(n, layout.chunk_bytes, n * layout.chunk_bytes, ct.meta["data_type"])
+        self._call(self._args(state, n, tables["comp"][chunk], tables["comp_bytes"][chunk], tables["out_bytes"][chunk],
+                              out_ptrs, temp_bytes, ct.meta["data_type"], device))
+        picked = out.view(ct.torch_dtype).view(n, per_chunk, width)[tables["arange"][:n], flat - chunk * per_chunk]
+        return picked.view(*ids.shape, width)
 
     def close(self) -> None:
         """Forget every prepared table, staging and temp buffer (the runtime closes its codec)."""

@@ -1,5 +1,6 @@
-"""Runtime: compressed linear layers served through a cache policy, with exact counters."""
+"""Runtime: compressed linear layers served through a cache policy (and embedding lookups), with exact counters."""
 
+from harness.runtime.embedding import CompressedEmbedding
 from harness.runtime.layer import CompressedLinear
 from harness.runtime.policies import POLICIES, CachePolicy, make_policy
 from harness.runtime.runtime import CompressedRuntime, CompressionReport, compress_model
@@ -8,6 +9,7 @@ from harness.runtime.stats import Stats
 __all__ = [
     "POLICIES",
     "CachePolicy",
+    "CompressedEmbedding",
     "CompressedLinear",
     "CompressedRuntime",
     "CompressionReport",

@@ -53,9 +53,10 @@ class PerBlock(CachePolicy):
         if ahead not in (0, 1):
             raise HarnessError(f"cache.ahead={ahead} is invalid; block decodes 0 or 1 block ahead")
         self.ahead = ahead
-        self._block_of = {layer.index: block_of(layer.name) for layer in runtime.layers}  # not on the hot path
+        linear = runtime.linear_layers
+        self._block_of = {layer.index: block_of(layer.name) for layer in linear}  # not on the hot path
         self._blocks: dict[str, list[CompressedLinear]] = {}
-        for layer in runtime.layers:
+        for layer in linear:
             self._blocks.setdefault(self._block_of[layer.index], []).append(layer)
         self._block_bytes = {block: sum(layer.weight_nbytes for layer in layers) for block, layers in self._blocks.items()}
         self._offsets: dict[int, int] = {}  # layer index -> byte offset in a scratch buffer

@@ -120,7 +120,7 @@ class LRU(_Keeping):
         if budget_mb is None or budget_mb <= 0:
             raise HarnessError(f"cache.budget_mb={budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
         self.budget_bytes = int(budget_mb * 1e6)
-        largest = max(runtime.layers, key=lambda layer: layer.weight_nbytes, default=None)
+        largest = max(runtime.linear_layers, key=lambda layer: layer.weight_nbytes, default=None)
         if largest is not None and largest.weight_nbytes > self.budget_bytes:
             need_mb = largest.weight_nbytes / 1e6
             raise HarnessError(

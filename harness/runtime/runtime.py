@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from harness.codecs.base import Codec, CompressedTensor, checksum
 from harness.errors import HarnessError, IntegrityError
+from harness.runtime.embedding import CompressedEmbedding
 from harness.runtime.layer import CompressedLinear
 from harness.runtime.policies import CachePolicy, make_policy
 from harness.runtime.stats import Stats
@@ -62,7 +64,7 @@ class CompressedRuntime:
             raise HarnessError(f"compress.verify={verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
         self.codec = codec
         self.verify = verify
-        self.layers: list[CompressedLinear] = []
+        self.layers: list[CompressedLinear | CompressedEmbedding] = []  # index = position here
         self.stats = Stats()
         self.policy: CachePolicy | None = None
         self.report: CompressionReport | None = None
@@ -109,6 +111,30 @@ class CompressedRuntime:
                 self._verify(layer, w)
         self.stats.count_many(layers, time.perf_counter() - start)
         return outs
+
+    def embed(self, layer: CompressedEmbedding, ids: torch.Tensor) -> torch.Tensor:
+        """An embedding lookup: the looked-up rows only, where the codec can and the bytes sit on the ids'
+        device; else the whole table, decoded, indexed and dropped. One counted decompression either way.
+        The first lookup (verify=first) and every lookup (verify=always) decode the whole table, to verify it."""
+        device = ids.device
+        decode_rows = getattr(self.codec, "decode_rows", None)
+        must_verify = self.verify == "always" or (self.verify == "first" and layer.index not in self._verified)
+        if decode_rows is None or must_verify or layer.ct.payload.device != device:
+            w = self.decompress(layer, device)
+            try:
+                return F.embedding(ids, w, layer.padding_idx)
+            finally:
+                self.drop(layer)
+        start = time.perf_counter()
+        with self._corruption_named(layer.name):
+            rows = decode_rows(layer.ct, ids)
+        self.stats.count_decompression(layer.name, rows.numel() * rows.element_size(), time.perf_counter() - start)
+        return rows
+
+    @property
+    def linear_layers(self) -> list[CompressedLinear]:
+        """The layers the cache policies schedule (embedding lookups bypass them)."""
+        return [layer for layer in self.layers if isinstance(layer, CompressedLinear)]
 
     @contextmanager
     def _corruption_named(self, what: str | list[CompressedLinear]):
@@ -252,7 +278,10 @@ def compress_model(
             with torch.no_grad():
                 ct = codec.encode(module.weight.detach())
         ct.payload = _place(ct.payload, placement, module.weight.device)
-        layer = CompressedLinear(cand.name, ct, module.bias, runtime, transposed=isinstance(module, conv1d))
+        if isinstance(module, nn.Embedding):
+            layer = CompressedEmbedding(cand.name, ct, module.padding_idx, runtime)
+        else:
+            layer = CompressedLinear(cand.name, ct, module.bias, runtime, transposed=isinstance(module, conv1d))
         layer.index = len(runtime.layers)
         runtime.layers.append(layer)
         _replace(model, cand.name, layer)
