@@ -73,8 +73,14 @@ VARIANTS = {
     "ans-batched cpu-placed, block": ("nvcomp_ans_batched", "block", {}, "cpu", 1.0, 1),
     "ans-batched cpu-placed, block ahead": ("nvcomp_ans_batched", "block", {"ahead": 1}, "cpu", 1.0, 1),
     "ans-batched cpu-placed, prefetch": ("nvcomp_ans_batched", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
+    "ans-batched gpu-placed, block + embeddings": ("nvcomp_ans_batched", "block", {}, "gpu", 1.0, 1),
+    "ans-batched gpu-placed, block ahead + embeddings": ("nvcomp_ans_batched", "block", {"ahead": 1}, "gpu", 1.0, 1),
+    "zstd_grouped L1 cpu x2 threads, prefetch all x8 workers": (
+        "zstd_grouped", "prefetch", {"depth": None, "workers": 8}, "cpu", PROTOTYPE_SHARE, 2),
 }
-LEVEL = {"zstd_grouped L1 cpu x4 threads, prefetch all x4 workers": 1}  # default 3
+EMBEDDINGS = ("+ embeddings",)  # variants that also compress the (untied) embedding table
+LEVEL = {"zstd_grouped L1 cpu x4 threads, prefetch all x4 workers": 1,
+         "zstd_grouped L1 cpu x2 threads, prefetch all x8 workers": 1}  # default 3
 SLOW = ("prototype", "zstd")  # variants measured over --slow-tokens (CPU decode per token: minutes otherwise)
 
 
@@ -83,7 +89,8 @@ def make_runtime(model, variant: str, eligible: int):
     n = max(1, round(share * eligible))
     opts = {k: (n if v is None else v) for k, v in opts.items()}
     rt = compress_model(model, make_codec(codec, level=LEVEL.get(variant, 3), threads=threads), policy=policy,
-                        policy_options=opts, attach=False, placement=placement, layers=n, progress=False)
+                        policy_options=opts, attach=False, placement=placement, layers=n, progress=False,
+                        embeddings=variant.endswith(EMBEDDINGS))
     return rt, n
 
 

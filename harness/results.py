@@ -74,8 +74,10 @@ def summary_table(results: dict[str, Any]) -> str:
     row("peak decompressed resident", "peak_resident_decompressed_bytes", _mb)
 
     c = cfg.get("compress", {})
+    codec = str(c.get("codec"))
+    settings = f"level {c.get('level')}" if codec.startswith("zstd") else f"placement {c.get('placement', 'cpu')}"
     title = (
-        f"model {cfg.get('model', {}).get('name')} | codec {c.get('codec')} (level {c.get('level')}) | "
+        f"model {cfg.get('model', {}).get('name')} | codec {codec} ({settings}) | "
         f"cache {cfg.get('cache', {}).get('name')} | device {results.get('device', cfg.get('device'))}"
     )
     w = max(len(r[0]) for r in rows) + 2

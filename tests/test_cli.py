@@ -71,3 +71,11 @@ def test_unknown_group_option_names_the_choices(harness_cli, tmp_path):
     proc = harness_cli(["cache=lru2", "logger=none"], tmp_path)
     assert proc.returncode != 0
     assert "cache" in proc.stderr and "per_forward_pass" in proc.stderr and "prefetch" in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error raised without CUDA")
+def test_gpu_preset_without_cuda_is_one_line(harness_cli, tmp_path):
+    proc = harness_cli([*TINY, "experiment=gpu", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err_lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and "is_available() is False" in err_lines[0], proc.stderr[-2000:]

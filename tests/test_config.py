@@ -1,10 +1,12 @@
 """Hydra composition of every option of every group (no model is loaded)."""
 
 import pytest
+import torch
 from conftest import CONF
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from harness.errors import HarnessError
 from harness.experiment import policy_options, validate
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
@@ -25,6 +27,10 @@ def test_every_option_composes_and_validates(group, option):
     extra = ["model.name_or_path=/some/model"] if (group, option) == ("model", "hf") else []
     cfg = compose_with([f"{group}={option}", *extra])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if (group, option) == ("experiment", "gpu") and not torch.cuda.is_available():
+        with pytest.raises(HarnessError, match=r"is_available\(\) is False"):  # the GPU codec says why, up front
+            validate(cfg)
+        return
     validate(cfg)
 
 
@@ -43,5 +49,5 @@ def test_prototype_experiment_overlay():
 
 def test_policy_options_come_from_the_cache_group():
     assert policy_options(compose_with(["cache=lru", "cache.budget_mb=5"])) == {"budget_mb": 5}
-    assert policy_options(compose_with(["cache=prefetch"])) == {"depth": 2}
+    assert policy_options(compose_with(["cache=prefetch"])) == {"depth": 2, "workers": 1}
     assert policy_options(compose_with(["cache=none"])) == {}

@@ -146,6 +146,13 @@ def test_lru_rejects_budgets_that_cannot_work(baseline, bad):
         compressed_copy(baseline[0], "lru", layers="all", policy_options=bad)
 
 
+@pytest.mark.parametrize("policy,bad,key", [("prefetch", {"depth": 0}, "cache.depth"), ("prefetch", {"workers": 0}, "cache.workers"),
+                                            ("block", {"ahead": 2}, "cache.ahead")])
+def test_policy_options_are_checked(baseline, policy, bad, key):
+    with pytest.raises(HarnessError, match=key):
+        compressed_copy(baseline[0], policy, layers="all", policy_options=bad)
+
+
 def test_unknown_policy_suggests_the_right_name(baseline):
     with pytest.raises(HarnessError, match=r"unknown cache policy 'per_forward_pas'.*Did you mean 'per_forward_pass'"):
         compressed_copy(baseline[0], "per_forward_pas", layers=3)

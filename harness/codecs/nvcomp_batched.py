@@ -418,21 +418,24 @@ class NvcompANSBatched(Codec):
             state["prepared"][key] = entry
         self._call(entry.args)
 
-    def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of a 2-D tensor (an embedding lookup, `F.embedding(ids, w)` bit for bit), decoding only
+    def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows `ids` of a 2-D tensor (an embedding lookup, `F.embedding(ids, w)` bit for bit) and the number of
+        bytes decoded to get them, decoding only
         the chunk that holds each row: one chunk per id (duplicates decode twice; a lookup of more ids than the
         table has chunks decodes the whole table instead). No host synchronisation: chunk pointers are gathered
         on the GPU from a per-table pointer table."""
         layout = layout_of(ct)
-        rows, width = ct.shape
+        if len(ct.shape) != 2:
+            raise ValueError(f"decode_rows needs a 2-D table, not shape {ct.shape}")
+        width = ct.shape[1]
         row_bytes = width * ct.torch_dtype.itemsize
-        if len(ct.shape) != 2 or layout.chunk_bytes % row_bytes:
+        if layout.chunk_bytes % row_bytes:
             raise ValueError(f"decode_rows needs whole rows per chunk (chunk {layout.chunk_bytes} B, row {row_bytes} B)")
         flat = ids.reshape(-1)
         n = flat.numel()
         device = ids.device
         if n >= layout.num_chunks:
-            return torch.nn.functional.embedding(ids, self.decode(ct))
+            return torch.nn.functional.embedding(ids, self.decode(ct)), ct.original_nbytes
         state = self._state()
         src = ct.payload
         if src.device != device:
@@ -456,7 +459,7 @@ class NvcompANSBatched(Codec):
         self._call(self._args(state, n, tables["comp"][chunk], tables["comp_bytes"][chunk], tables["out_bytes"][chunk],
                               out_ptrs, temp_bytes, ct.meta["data_type"], device))
         picked = out.view(ct.torch_dtype).view(n, per_chunk, width)[tables["arange"][:n], flat - chunk * per_chunk]
-        return picked.view(*ids.shape, width)
+        return picked.view(*ids.shape, width), n * layout.chunk_bytes
 
     def close(self) -> None:
         """Forget every prepared table, staging and temp buffer (the runtime closes its codec)."""

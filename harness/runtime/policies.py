@@ -152,6 +152,8 @@ class Prefetch(CachePolicy):
         super().__init__(runtime)
         if depth < 1:
             raise HarnessError(f"cache.depth={depth} is invalid; prefetch needs depth >= 1")
+        if not isinstance(workers, int) or workers < 1:
+            raise HarnessError(f"cache.workers={workers!r} is invalid; prefetch needs workers >= 1")
         self.depth = depth
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch")
         self._pending: dict[int, Future] = {}

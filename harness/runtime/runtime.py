@@ -113,8 +113,9 @@ class CompressedRuntime:
         return outs
 
     def embed(self, layer: CompressedEmbedding, ids: torch.Tensor) -> torch.Tensor:
-        """An embedding lookup: the looked-up rows only, where the codec can and the bytes sit on the ids'
-        device; else the whole table, decoded, indexed and dropped. One counted decompression either way.
+        """An embedding lookup: the chunks holding the looked-up rows only, where the codec can
+        (`decode_rows(ct, ids) -> (rows, bytes decoded)`) and the bytes sit on the ids' device; else the whole
+        table, decoded, indexed and dropped. One counted decompression either way.
         The first lookup (verify=first) and every lookup (verify=always) decode the whole table, to verify it."""
         device = ids.device
         decode_rows = getattr(self.codec, "decode_rows", None)
@@ -127,8 +128,8 @@ class CompressedRuntime:
                 self.drop(layer)
         start = time.perf_counter()
         with self._corruption_named(layer.name):
-            rows = decode_rows(layer.ct, ids)
-        self.stats.count_decompression(layer.name, rows.numel() * rows.element_size(), time.perf_counter() - start)
+            rows, decoded_nbytes = decode_rows(layer.ct, ids)
+        self.stats.count_decompression(layer.name, decoded_nbytes, time.perf_counter() - start)
         return rows
 
     @property
