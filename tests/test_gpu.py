@@ -51,7 +51,7 @@ def test_nvcomp_is_bit_exact_on_cuda(codec, placement, policy, options):
 
 # -- nvcomp_ans_batched: the chunk layout is plain Python, checked without a GPU ------------------------------------
 from harness.codecs.base import CompressedTensor  # noqa: E402
-from harness.codecs.nvcomp_batched import (  # noqa: E402
+from harness.codecs.nvcomp_layout import (  # noqa: E402
     ALIGN,
     chunk_sizes,
     chunk_tables,
@@ -157,7 +157,7 @@ def test_batched_decode_stays_exact_when_buffers_grow():
 
 
 def test_row_aligned_chunks_hold_whole_rows():
-    from harness.codecs.nvcomp_batched import row_aligned_chunk_bytes
+    from harness.codecs.nvcomp_layout import row_aligned_chunk_bytes
     assert row_aligned_chunk_bytes((128256, 2048), 2, 1 << 18) == 1 << 18  # 64 rows of 4 KiB
     assert row_aligned_chunk_bytes((49152, 576), 2, 1 << 18) == 1152 * 227  # SmolLM2: 227 rows of 1152 B
     assert row_aligned_chunk_bytes((10, 1 << 20), 2, 1 << 18) == 1 << 18  # rows larger than a chunk

@@ -210,12 +210,17 @@ def test_tied_lm_head_is_skipped_with_a_reason():
     runtime.close()
 
 
-def test_gpt2_conv1d_layers_are_bit_exact():
+def tiny_gpt2():
+    """A 2-block GPT-2 (Conv1D layers, tied wte/lm_head, learned position embeddings) and its 4-token reference."""
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=259, bos_token_id=1, eos_token_id=2)
     model = GPT2LMHeadModel(cfg).eval()
     tok = byte_tokenizer()
-    ref = greedy_generate(model, tok, PROMPTS, max_new_tokens=4, min_new_tokens=4)
+    return model, tok, greedy_generate(model, tok, PROMPTS, max_new_tokens=4, min_new_tokens=4)
+
+
+def test_gpt2_conv1d_layers_are_bit_exact():
+    model, tok, ref = tiny_gpt2()
     runtime = compress_model(model, make_codec("zstd"), layers="all", policy="none", progress=False)
     assert runtime.report.layers_compressed == 8  # 2 blocks x (c_attn, c_proj, c_fc, mlp c_proj); lm_head tied
     out = greedy_generate(model, tok, PROMPTS, max_new_tokens=4, min_new_tokens=4)
@@ -273,11 +278,7 @@ def test_tied_embeddings_are_skipped_with_a_reason():
 
 
 def test_gpt2_position_embeddings_compress_bit_exact():
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=259, bos_token_id=1, eos_token_id=2)
-    model = GPT2LMHeadModel(cfg).eval()
-    tok = byte_tokenizer()
-    ref = greedy_generate(model, tok, PROMPTS, max_new_tokens=4, min_new_tokens=4)
+    model, tok, ref = tiny_gpt2()
     runtime = compress_model(model, make_codec("zstd"), layers="all", policy="none", embeddings=True, progress=False)
     assert [layer.name for layer in runtime.layers][-1] == "transformer.wpe"  # wte is tied to lm_head: skipped
     out = greedy_generate(model, tok, PROMPTS, max_new_tokens=4, min_new_tokens=4)
