@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 import xxhash
 
+from harness.errors import HarnessError
 from harness.registry import Registry
 
 CODECS: Registry[type[Codec]] = Registry("codec")
@@ -27,6 +28,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a flat uint8 CPU tensor (contiguous, row-major)."""
     return t.detach().contiguous().cpu().view(-1).view(torch.uint8)
+
+
+def cuda_source(t: torch.Tensor, codec: str, data_types: dict[torch.dtype, Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """For a GPU codec's encode: the dtype's codec data type, the tensor contiguous on CUDA, and its flat bytes."""
+    data_type = data_types.get(t.dtype)
+    if data_type is None:
+        raise HarnessError(f"codec {codec} supports bfloat16, float16 and float32, not {t.dtype}")
+    src = t.detach().contiguous()
+    if src.device.type != "cuda":
+        src = src.cuda()
+    return data_type, src, src.view(-1).view(torch.uint8)
 
 
 def checksum(t: torch.Tensor) -> str:

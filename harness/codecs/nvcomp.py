@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, dtype_name
+from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, cuda_source, dtype_name
 from harness.errors import HarnessError
 
 # nvCOMP's element type for ANS: 2-byte words for 16-bit floats (exponent and mantissa bytes modelled
@@ -55,13 +55,7 @@ class NvcompANS(Codec):
         return per_thread[key]
 
     def encode(self, t: torch.Tensor) -> CompressedTensor:
-        data_type = _DATA_TYPE.get(t.dtype)
-        if data_type is None:
-            raise HarnessError(f"codec nvcomp_ans supports bfloat16, float16 and float32, not {t.dtype}")
-        src = t.detach().contiguous()
-        if src.device.type != "cuda":
-            src = src.cuda()
-        flat = src.view(-1).view(torch.uint8)
+        data_type, src, flat = cuda_source(t, self.name, _DATA_TYPE)
         state = self._state(data_type)
         comp = state["codec"].encode(self.nvcomp.as_array(flat, cuda_stream=state["stream"]))
         payload = torch.as_tensor(comp, device=src.device).view(torch.uint8).reshape(-1)[: comp.buffer_size].clone()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, dtype_name
+from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, cuda_source, dtype_name
 from harness.codecs.nvcomp_layout import (
     align_up,
     chunk_sizes,
@@ -175,13 +175,7 @@ class NvcompANSBatched(Codec):
 
     # -- encode -------------------------------------------------------------------------------------------------------
     def encode(self, t: torch.Tensor) -> CompressedTensor:
-        data_type = _DATA_TYPE.get(t.dtype)
-        if data_type is None:
-            raise HarnessError(f"codec {self.name} supports bfloat16, float16 and float32, not {t.dtype}")
-        src = t.detach().contiguous()
-        if src.device.type != "cuda":
-            src = src.cuda()
-        flat = src.view(-1).view(torch.uint8)
+        data_type, src, flat = cuda_source(t, self.name, _DATA_TYPE)
         n, device, state = flat.numel(), flat.device, self._state()
         chunk_bytes = row_aligned_chunk_bytes(tuple(t.shape), t.element_size(), self.chunk_bytes)
         sizes = chunk_sizes(n, chunk_bytes)
@@ -312,8 +306,7 @@ class NvcompANSBatched(Codec):
 
     def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Rows `ids` of a 2-D tensor (an embedding lookup, `F.embedding(ids, w)` bit for bit) and the number of
-        bytes decoded to get them, decoding only
-        the chunk that holds each row: one chunk per id (duplicates decode twice; a lookup of more ids than the
+        bytes decoded to get them, decoding only the chunk that holds each row: one chunk per id (duplicates decode twice; a lookup of more ids than the
         table has chunks decodes the whole table instead). No host synchronisation: chunk pointers are gathered
         on the GPU from a per-table pointer table."""
         layout = layout_of(ct)

@@ -158,7 +158,7 @@ class PerBlock(CachePolicy):
         return event
 
     def _drop(self, decoded: _Decoded) -> None:
-        self.runtime.stats.unhold_many(self._block_bytes[decoded.block])
+        self.runtime.stats.unhold(self._block_bytes[decoded.block])  # the whole block at once
 
     def begin_pass(self):
         device = None if self._current is None else next(iter(self._current.weights.values())).device

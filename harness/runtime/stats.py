@@ -48,10 +48,6 @@ class Stats:
             self.decompress_time_s += seconds
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
-    def unhold_many(self, nbytes: int) -> None:
-        with self._lock:
-            self.resident_bytes -= nbytes
-
     def hold(self, nbytes: int) -> None:
         with self._lock:
             self.resident_bytes += nbytes
