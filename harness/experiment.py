@@ -16,15 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from harness.artifacts import artifact_cache, compress_cached, model_identity
-from harness.codecs import make_codec
+from harness.codecs import CODECS, make_codec
 from harness.errors import HarnessError
 from harness.fidelity import bundled_tasks, per_sample_table
 from harness.fidelity import compare as compare_fidelity
 from harness.models import load_model, resolve_device
 from harness.results import ResultsFile, summary_table
+from harness.runner.compiled import release_compiled
 from harness.runner.module import GenerationModule
 from harness.runner.phase import compare, run_phase
-from harness.runtime import POLICIES
+from harness.runtime import CAPTURED_POLICIES, POLICIES
 from harness.runtime.runtime import VERIFY_MODES, check_placement
 from harness.selection import ORDERS, _parse_count
 from harness.tracking import make_tracker
@@ -49,8 +50,33 @@ def validate(cfg: DictConfig) -> None:
         raise HarnessError("generate.max_new_tokens and generate.repeats must be >= 1")
     if not cfg.generate.prompts:
         raise HarnessError("generate.prompts is empty; give at least one prompt")
+    validate_compile(cfg)
     if cfg.eval.name == "fidelity":
         validate_tasks(cfg)
+
+
+def validate_compile(cfg: DictConfig) -> None:
+    """generate.compile=true runs the compressed phase through a capturable policy; say what is supported."""
+    compile_ = cfg.generate.get("compile", False)
+    if not isinstance(compile_, bool):
+        raise HarnessError(f"generate.compile={compile_!r} is invalid; use true or false")
+    if not compile_:
+        return
+    supported = ", ".join(CAPTURED_POLICIES.names())
+    if cfg.cache.name not in CAPTURED_POLICIES:
+        raise HarnessError(f"cache={cfg.cache.name} has no compiled form; with generate.compile=true use cache={supported}")
+    if cfg.compress.verify == "always":
+        raise HarnessError("compress.verify=always cannot run inside a CUDA graph; use verify=first with generate.compile=true")
+    if cfg.cache.get("ahead", 0):
+        raise HarnessError("cache.ahead=1 has no compiled form; use cache.ahead=0 with generate.compile=true")
+    if resolve_device(cfg.device).type == "cuda":
+        codec = make_codec(cfg.compress.codec, **codec_options(cfg))
+        if not codec.capturable or cfg.compress.placement != "gpu":
+            capturable = ", ".join(n for n in CODECS.names() if getattr(CODECS.get(n), "capturable", False))
+            raise HarnessError(
+                f"generate.compile=true on CUDA needs a capturable codec ({capturable}) with compress.placement=gpu, "
+                f"not {cfg.compress.codec} with placement={cfg.compress.placement}; CPU codecs run eagerly"
+            )
 
 
 def validate_tasks(cfg: DictConfig) -> None:
@@ -129,7 +155,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         tracker = make_tracker(config["logger"], config, run_dir, job_name, overrides)
         loaded = load_model(cfg.model, device)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
-        module = GenerationModule(loaded.model, loaded.tokenizer, cfg.generate.max_new_tokens, cfg.generate.min_new_tokens)
+        compile_ = bool(cfg.generate.get("compile", False))
+        module = GenerationModule(
+            loaded.model, loaded.tokenizer, cfg.generate.max_new_tokens, cfg.generate.min_new_tokens, compile=compile_
+        )
         phase_kwargs = dict(
             prompts=list(cfg.generate.prompts),
             repeats=cfg.generate.repeats,
@@ -145,6 +174,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         results.update(baseline=baseline.as_dict())
         if cfg.eval.name == "fidelity":  # before compression: the model is compressed in place
             baseline_eval = evaluate_counted(cfg, loaded, runtime=None)
+        if compile_:
+            release_compiled(loaded.model)  # the dense step's graphs and their memory go before the compressed phase
 
         runtime = compress_cached(
             loaded.model,
@@ -161,6 +192,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
             exclude=cfg.compress.exclude,
             embeddings=bool(cfg.compress.get("embeddings", False)),
             placement=cfg.compress.placement,
+            captured=compile_,
         )
         module.runtime = runtime
         compressed = run_phase("compressed", module, callbacks(), **phase_kwargs)

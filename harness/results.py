@@ -59,6 +59,9 @@ def summary_table(results: dict[str, Any]) -> str:
 
         rows.append((label, get(base), get(comp)))
 
+    if (base or {}).get("compile") or (comp or {}).get("compile"):
+        row("compiled", "compile", lambda v: str(v) if v else "no")
+        row("warm-up (compile + capture)", "warmup_time_s", lambda v: f"{v:.1f} s")
     n = base["repeats"] if base else 0
     row(f"time (median of {n})", "time_s", lambda v: f"{v:.3f} s")
     row("time min-max", lambda p: (p["time_s_min"], p["time_s_max"]), lambda v: f"{v[0]:.3f}-{v[1]:.3f} s")

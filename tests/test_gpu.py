@@ -186,3 +186,33 @@ def test_compressed_embedding_rows_decode_bit_exact_on_cuda(policy, options):
     assert runtime.stats.decompressions_per_layer["model.embed_tokens"] == 5
     assert calls == [2, 2, 2, 2]  # the prefill verified the whole table; then 2 rows (one per sequence) a step
     runtime.close()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("policy", ["block", "none", "per_forward_pass"])
+def test_compiled_capturable_decode_replays_bit_exact_on_cuda(policy):
+    """generate.compile=true on CUDA: nvCOMP's decode captured in the CUDA graphs of transformers' compiled step;
+    bit-exact with the compiled dense model, exact counts from the device counters, really graph-replayed."""
+    from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
+
+    loaded = tiny_llama(seed=0, device="cuda")
+    prompts, n = ["The capital of France is"], 6
+    reset_compile_counters()
+    ref = [greedy_generate(loaded.model, loaded.tokenizer, prompts, n, min_new_tokens=n, compile=True) for _ in range(3)][-1]
+    assert compile_mode(torch.device("cuda")) == "cudagraphs"
+    release_compiled(loaded.model)
+    model = copy.deepcopy(loaded.model)
+    rt = compress_model(model, make_codec("nvcomp_ans_batched"), policy=policy, placement="gpu", layers="all",
+                        captured=True, progress=False)
+    reset_compile_counters()
+    for _ in range(3):
+        rt.reset_stats()
+        out = greedy_generate(model, loaded.tokenizer, prompts, n, min_new_tokens=n, compile=True)
+        rt.end_generation()
+        assert out.new_token_ids == ref.new_token_ids
+        assert torch.equal(out.logits, ref.logits)
+        assert rt.stats.snapshot()["decompressions_per_pass"] == [len(rt.layers)] * n
+    assert compile_mode(torch.device("cuda")) == "cudagraphs"
+    rt.close()
+    release_compiled(model)

@@ -7,6 +7,7 @@ bit for bit) and back. Codecs are stateless apart from their settings, so one in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -95,10 +96,24 @@ class CompressedTensor:
 
 
 class Codec(ABC):
-    """Lossless codec. `decode(encode(t))` is bitwise identical to `t` (NaN payloads, -0.0, subnormals too)."""
+    """Lossless codec. `decode(encode(t))` is bitwise identical to `t` (NaN payloads, -0.0, subnormals too).
+
+    The runtime relies on exactly these abilities; each has a plain default, and a codec overrides the ones it
+    does faster:
+        encode / decode                 one tensor (required)
+        decode_many(cts, outs, key)     several tensors in one call (default: a loop of decode)
+        decode_rows(ct, ids)            the rows of a 2-D table an embedding lookup needs (default: whole table)
+        prepare_group(cts, offsets)     a prepared decode of several tensors into one buffer (default: decode)
+    and two declared facts: `decode_device` (where decode runs) and `stages_host_payloads` (decode_many copies
+    host-resident bytes to the GPU itself, so host placement needs no per-layer staging by the runtime).
+    """
 
     name: ClassVar[str]
     decode_device: ClassVar[str] = "cpu"  # where decoding runs ("cpu" or "cuda")
+    stages_host_payloads: ClassVar[bool] = False
+    # prepare_group's decodes are pure asynchronous launches on the current stream (no allocation, no host sync,
+    # no table building): safe inside torch.compile'd code and CUDA-graph capture.
+    capturable: ClassVar[bool] = False
 
     @abstractmethod
     def encode(self, t: torch.Tensor) -> CompressedTensor: ...
@@ -107,6 +122,31 @@ class Codec(ABC):
     def decode(self, ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rebuild the tensor (shape ct.shape, dtype ct.torch_dtype). Writes into `out` when given
         (a contiguous tensor of that shape and dtype, e.g. a pinned staging buffer) and returns it."""
+
+    def decode_many(self, cts: list[CompressedTensor], outs: list[torch.Tensor], key: Any = None) -> None:
+        """Decode `cts[i]` into `outs[i]`. `key` names this exact (tensors, outputs) combination, so a codec
+        can reuse what it prepared for it; the default ignores it."""
+        for ct, out in zip(cts, outs, strict=True):
+            w = self.decode(ct, out=out)
+            if w is not out:
+                out.copy_(w, non_blocking=True)
+
+    def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """`F.embedding(ids, weight)` bit for bit, and the bytes decoded to get it. The default decodes the whole
+        table; a codec whose chunks hold whole rows decodes only the chunks the ids need."""
+        table = self.decode(ct).to(ids.device, non_blocking=True)
+        return torch.nn.functional.embedding(ids, table), ct.original_nbytes
+
+    def prepare_group(self, cts: list[CompressedTensor], offsets: list[int]) -> Callable[[torch.Tensor], None]:
+        """A function that decodes `cts` into a flat uint8 buffer, tensor i at byte `offsets[i]`. A `capturable`
+        codec builds everything once here, so each call only launches work on the current stream. The default
+        (CPU codecs) decodes through `decode`: torch.compile runs it as an opaque call on the CPU, but a CUDA
+        graph cannot capture it."""
+        def run(out: torch.Tensor) -> None:
+            views = [out[o : o + ct.original_nbytes].view(ct.torch_dtype).view(ct.shape) for ct, o in zip(cts, offsets, strict=True)]
+            self.decode_many(cts, views)
+
+        return run
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the compressed bytes (part of an artifact-cache key)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,7 @@ class NvcompANSBatched(Codec):
     name = "nvcomp_ans_batched"
     decode_device = "cuda"
     stages_host_payloads = True  # decode_many copies host payloads into a staging buffer itself
+    capturable = True  # prepare_group: prebuilt tables, launches on the current stream only
 
     def __init__(self, level: int | None = None, threads: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         # level/threads are CPU-codec settings; accepted so one config serves every codec.
@@ -139,6 +141,9 @@ class NvcompANSBatched(Codec):
         self.lib = _libnvcomp()
         self._states: dict[tuple[int, int], dict[str, Any]] = {}  # (thread, stream) -> temp, tables, staging
         self._lock = threading.Lock()
+        # Per-tensor tables of decode / decode_rows, keyed by id(ct) with the tensor kept alive beside them
+        # (codec state lives with the codec, not on the CompressedTensor).
+        self._tables: dict[tuple[str, int], tuple[CompressedTensor, dict[str, Any]]] = {}
 
     def settings(self) -> dict[str, Any]:
         return {"chunk_bytes": self.chunk_bytes}
@@ -236,15 +241,16 @@ class NvcompANSBatched(Codec):
             out = torch.empty(ct.shape, dtype=ct.torch_dtype, device=device)
         src = ct.payload if ct.payload.device == device else ct.payload.to(device, non_blocking=True)
         state = self._state()
-        rel = getattr(ct, "_nvans_rel", None)
+        rel = self._table("rel", ct)
         if rel is None or rel["device"] != device:
             t = chunk_tables([ct])
-            rel = ct._nvans_rel = {
+            rel = self._tables[("rel", id(ct))] = ct, {
                 "device": device, "num": len(t["rel_comp"]), "comp": _ptr_table(t["rel_comp"], device),
                 "comp_bytes": _ptr_table(t["comp_bytes"], device), "out": _ptr_table(t["rel_out"], device),
                 "out_bytes": _ptr_table(t["out_bytes"], device),
                 "temp_bytes": self._temp_bytes(len(t["rel_comp"]), max(t["out_bytes"], default=1), ct.original_nbytes, ct.meta["data_type"]),
             }
+            rel = rel[1]
         self._call(self._args(state, rel["num"], rel["comp"] + src.data_ptr(), rel["comp_bytes"], rel["out_bytes"],
                               rel["out"] + out.data_ptr(), rel["temp_bytes"], ct.meta["data_type"], device))
         return out
@@ -304,6 +310,34 @@ class NvcompANSBatched(Codec):
             state["prepared"][key] = entry
         self._call(entry.args)
 
+    def prepare_group(self, cts: list[CompressedTensor], offsets: list[int]) -> Callable[[torch.Tensor], None]:
+        """A capturable decode of `cts` (bytes in VRAM) into a flat buffer at `offsets`. Built once: the pointer
+        tables of the sources and the outputs' offsets within the buffer, a temp buffer of its own. A call adds the
+        buffer's address to the offsets on the GPU (so the buffer may be anywhere: inside a CUDA graph it is the
+        graph pool's) and launches nvCOMP on the current stream: no allocation but that small table, no host wait."""
+        device = cts[0].payload.device
+        if device.type != "cuda" or any(ct.payload.device != device for ct in cts):
+            raise HarnessError(f"codec {self.name}: captured decodes read the compressed bytes in VRAM; use compress.placement=gpu")
+        t = chunk_tables(cts)
+        comp = _ptr_table([cts[k].payload.data_ptr() + r for k, r in zip(t["which"], t["rel_comp"], strict=True)], device)
+        rel_out = _ptr_table([offsets[k] + r for k, r in zip(t["which"], t["rel_out"], strict=True)], device)
+        comp_bytes, out_bytes = _ptr_table(t["comp_bytes"], device), _ptr_table(t["out_bytes"], device)
+        num, data_type = len(t["which"]), cts[0].meta["data_type"]
+        temp = torch.empty(max(self._temp_bytes(num, max(t["out_bytes"], default=1), sum(t["out_bytes"]), data_type), 1),
+                           dtype=torch.uint8, device=device)
+        actual = torch.zeros(num, dtype=torch.int64, device=device)
+        statuses = torch.zeros(num, dtype=torch.int32, device=device)
+        opts, lib = self._decompress_opts(data_type), self.lib
+
+        def run(out: torch.Tensor) -> None:
+            out_ptrs = rel_out + out.data_ptr()
+            _check(lib.nvcompBatchedANSDecompressAsync(
+                comp.data_ptr(), comp_bytes.data_ptr(), out_bytes.data_ptr(), actual.data_ptr(), num, temp.data_ptr(),
+                temp.numel(), out_ptrs.data_ptr(), opts, statuses.data_ptr(), _current_stream_ptr()), "decompress")
+
+        run.keep = (cts, comp, comp_bytes, out_bytes)  # the device tables the launch points into live with it
+        return run
+
     def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Rows `ids` of a 2-D tensor (an embedding lookup, `F.embedding(ids, w)` bit for bit) and the number of
         bytes decoded to get them, decoding only the chunk that holds each row: one chunk per id (duplicates decode twice; a lookup of more ids than the
@@ -325,15 +359,16 @@ class NvcompANSBatched(Codec):
         src = ct.payload
         if src.device != device:
             raise ValueError("decode_rows reads the compressed bytes in place: they must be on the ids' device")
-        tables = getattr(ct, "_nvans_rows", None)
+        tables = self._table("rows", ct)
         if tables is None or tables["device"] != device or tables["src"] != src.data_ptr():
             t = chunk_tables([ct])
-            tables = ct._nvans_rows = {
+            tables = {
                 "device": device, "src": src.data_ptr(),
                 "comp": _ptr_table([src.data_ptr() + r for r in t["rel_comp"]], device),
                 "comp_bytes": _ptr_table(t["comp_bytes"], device), "out_bytes": _ptr_table(t["out_bytes"], device),
                 "arange": torch.arange(0, layout.num_chunks, dtype=torch.int64, device=device), "temp": {},
             }
+            self._tables[("rows", id(ct))] = ct, tables
         per_chunk = layout.chunk_bytes // row_bytes
         chunk = torch.div(flat, per_chunk, rounding_mode="floor")
         out = torch.empty((n, layout.chunk_bytes), dtype=torch.uint8, device=device)
@@ -346,7 +381,12 @@ class NvcompANSBatched(Codec):
         picked = out.view(ct.torch_dtype).view(n, per_chunk, width)[tables["arange"][:n], flat - chunk * per_chunk]
         return picked.view(*ids.shape, width), n * layout.chunk_bytes
 
+    def _table(self, kind: str, ct: CompressedTensor) -> dict[str, Any] | None:
+        entry = self._tables.get((kind, id(ct)))
+        return entry[1] if entry is not None and entry[0] is ct else None
+
     def close(self) -> None:
         """Forget every prepared table, staging and temp buffer (the runtime closes its codec)."""
         with self._lock:
             self._states.clear()
+            self._tables.clear()

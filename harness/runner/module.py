@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import torch
 
 from harness.generation import Generation, greedy_generate
 from harness.measure import MemoryReading
@@ -27,12 +28,13 @@ class PhaseRecord:
 class GenerationModule(L.LightningModule):
     """Wraps an HF causal LM. One predict batch = one greedy generation of every prompt (batched)."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, min_new_tokens: int | None = None) -> None:
+    def __init__(self, model, tokenizer, max_new_tokens: int, min_new_tokens: int | None = None, compile: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
+        self.compile = compile  # static KV cache, decode step compiled and graph-replayed by transformers
         self.runtime = None  # the CompressedRuntime during the compressed phase
         self.phase = "baseline"
         self.record = PhaseRecord()
@@ -58,6 +60,9 @@ class GenerationModule(L.LightningModule):
     def on_predict_end(self) -> None:
         self._predicting = False
 
+    # Never traced: when transformers compiles the model's __call__, these hooks run eagerly between graphs
+    # (Lightning callbacks are host logic), so pass boundaries and counters keep working under compile.
+    @torch.compiler.disable
     def _dispatch(self, hook: str) -> None:
         trainer = self._trainer
         if trainer is None or not self._predicting:
@@ -75,4 +80,5 @@ class GenerationModule(L.LightningModule):
             self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
             device=self.trainer.strategy.root_device,
+            compile=self.compile,
         )

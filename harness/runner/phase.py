@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from harness.generation import Generation
 from harness.measure import MemoryReading, model_weight_bytes, spread
+from harness.runner.compiled import compile_details, compile_mode, reset_compile_counters
 from harness.runner.module import GenerationModule, PhaseRecord
 from harness.runner.strategy import stay_on
 
@@ -25,6 +26,8 @@ class PhaseResult:
     generation: Generation  # the last timed repeat's output
     outputs_stable: bool  # every repeat produced the same tokens
     weights_bytes: int  # exact weight bytes on the model's device: dense + compressed there (no decompressed cache)
+    compile: str | bool = False  # what torch.compile did: "cudagraphs" | "inductor" | False
+    compile_details: dict[str, int] | None = None
 
     @property
     def timed(self) -> list[int]:
@@ -48,7 +51,12 @@ class PhaseResult:
     def as_dict(self) -> dict[str, Any]:
         times = spread([self.record.times_s[i] for i in self.timed])
         new_tokens = sum(len(ids) for ids in self.generation.new_token_ids)
+        warm = [t for t, w in zip(self.record.times_s, self.record.warmup, strict=True) if w]
         return {
+            "compile": self.compile,
+            **({"compile_details": self.compile_details} if self.compile_details else {}),
+            "warmup": len(warm),
+            "warmup_time_s": sum(warm),  # compilation and graph capture happen here, outside the timed repeats
             "time_s": times["median"],
             "time_s_min": times["min"],
             "time_s_max": times["max"],
@@ -76,6 +84,11 @@ def run_phase(
 ) -> PhaseResult:
     module.phase = name
     module.record = PhaseRecord()
+    if module.compile:
+        # dynamo compiles in the first decode step and Inductor's CUDA-graph trees record in a later one: two
+        # untimed generations put both behind us before the first timed one.
+        warmup = max(warmup, 2)
+        reset_compile_counters()
     batches = [{"prompts": list(prompts), "warmup": i < warmup} for i in range(warmup + repeats)]
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -95,7 +108,9 @@ def run_phase(
     if module.runtime is not None:  # compressed bytes count where they live: on the model's device or not
         device = module.model.device
         weights += sum(layer.ct.compressed_nbytes for layer in module.runtime.layers if layer.ct.payload.device == device)
-    return PhaseResult(name, module.record, timed[-1], stable, weights)
+    device = torch.device("cuda", torch.cuda.current_device()) if accelerator != "cpu" else torch.device("cpu")
+    mode, details = (compile_mode(device), compile_details()) if module.compile else (False, None)
+    return PhaseResult(name, module.record, timed[-1], stable, weights, mode, details)
 
 
 def compare(baseline: PhaseResult, compressed: PhaseResult) -> dict[str, Any]:

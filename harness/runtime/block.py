@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from harness.errors import HarnessError
-from harness.runtime.policies import POLICIES, CachePolicy
+from harness.runtime.policy import POLICIES, CachePolicy
 
 if TYPE_CHECKING:
     from harness.runtime.layer import CompressedLinear

@@ -36,6 +36,9 @@ class CompressedEmbedding(nn.Module):
     def weight_nbytes(self) -> int:
         return self.ct.original_nbytes
 
+    # Under torch.compile the lookup runs eagerly between graphs (one graph break at the model's start): its row
+    # decode sizes tables by the ids, which a captured graph cannot. Eagerly the decorator costs ~1 us.
+    @torch.compiler.disable
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.runtime.embed(self, input)
 

@@ -42,16 +42,20 @@ class CompressedLinear(nn.Module):
         return self.ct.original_nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.runtime.policy.acquire(self, x.device)
+        policy = self.runtime.policy
+        if policy.capturable:  # traceable: a view of the policy's scratch, decoded by an opaque op
+            return self._apply(x, policy.weight(self, x))
+        w = policy.acquire(self, x.device)
         try:
-            if self.transposed:  # exactly transformers' Conv1D.forward, so outputs stay bit-identical
-                size_out = x.size()[:-1] + (self.nf,)
-                out = torch.addmm(self.bias, x.view(-1, x.size(-1)), w).view(size_out)
-            else:
-                out = F.linear(x, w, self.bias)
+            return self._apply(x, w)
         finally:
-            self.runtime.policy.release(self, w)
-        return out
+            policy.release(self, w)
+
+    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.transposed:  # exactly transformers' Conv1D.forward, so outputs stay bit-identical
+            size_out = x.size()[:-1] + (self.nf,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), w).view(size_out)
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -1,55 +1,19 @@
-"""Cache policies: when a compressed layer's dense weight is decompressed, and how long it is kept.
-
-All policies share one small interface; they differ only where their behaviour differs:
-    acquire(layer, device) -> weight     the layer's forward needs its dense weight now
-    release(layer, weight)               the layer's forward is done with it
-    begin_pass() / end_pass()            one top-level forward pass (one generation step) starts / ends
-    clear()                              drop everything (end of a generation); waits for work in flight
-Decompression itself (and its exact accounting) is the runtime's `decompress` / `drop`.
-"""
+"""The per-layer cache policies (none, per_forward_pass, full, lru, prefetch); the interface is in policy.py."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from harness.errors import HarnessError
-from harness.registry import Registry
+from harness.runtime.policy import POLICIES, CachePolicy
 
 if TYPE_CHECKING:
     from harness.runtime.layer import CompressedLinear
     from harness.runtime.runtime import CompressedRuntime
-
-POLICIES: Registry[type[CachePolicy]] = Registry("cache policy")
-
-
-class CachePolicy:
-    name: ClassVar[str]
-
-    def __init__(self, runtime: CompressedRuntime) -> None:
-        self.runtime = runtime
-
-    def acquire(self, layer: CompressedLinear, device: torch.device) -> torch.Tensor:
-        raise NotImplementedError
-
-    def release(self, layer: CompressedLinear, weight: torch.Tensor) -> None:
-        pass
-
-    def begin_pass(self) -> None:
-        pass
-
-    def end_pass(self) -> None:
-        pass
-
-    def clear(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.clear()
-
 
 @POLICIES.register("none")
 class NoCache(CachePolicy):
@@ -226,14 +190,3 @@ class Prefetch(CachePolicy):
     def close(self):
         self.clear()
         self._pool.shutdown(wait=True)
-
-
-def make_policy(name: str, runtime: CompressedRuntime, **options: Any) -> CachePolicy:
-    cls = POLICIES.get(name)
-    try:
-        return cls(runtime, **options)
-    except TypeError as e:  # an option this policy does not take
-        raise HarnessError(f"cache={name}: {e}") from None
-
-
-from harness.runtime import block  # noqa: E402,F401  (registers "block"; it builds on CachePolicy above)

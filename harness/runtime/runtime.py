@@ -17,7 +17,7 @@ from harness.codecs.base import Codec, CompressedTensor, checksum
 from harness.errors import HarnessError, IntegrityError
 from harness.runtime.embedding import CompressedEmbedding
 from harness.runtime.layer import CompressedLinear
-from harness.runtime.policies import CachePolicy, make_policy
+from harness.runtime.policy import CachePolicy, make_policy
 from harness.runtime.stats import Stats
 from harness.selection import Selection, select_layers
 
@@ -59,11 +59,12 @@ class CompressionReport:
 class CompressedRuntime:
     """Owns the compressed layers, the codec, the cache policy and the counters of one compressed model."""
 
-    def __init__(self, codec: Codec, verify: str = "first") -> None:
+    def __init__(self, codec: Codec, verify: str = "first", device: torch.device | str = "cpu") -> None:
         if verify not in VERIFY_MODES:
             raise HarnessError(f"compress.verify={verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
         self.codec = codec
         self.verify = verify
+        self.device = torch.device(device)  # where the model computes (the dense weights were)
         self.layers: list[CompressedLinear | CompressedEmbedding] = []  # index = position here
         self.stats = Stats()
         self.policy: CachePolicy | None = None
@@ -98,19 +99,21 @@ class CompressedRuntime:
         """Several layers at once: one batched call when the codec has one and the bytes sit on `device`
         (or the codec stages host bytes itself). Called once per block per pass: kept lean on host time.
         `key` names this (layers, outputs) combination for the codec's prepared-call cache."""
-        batched = getattr(self.codec, "decode_many", None)
-        if batched is None or not (
-            getattr(self.codec, "stages_host_payloads", False) or all(layer.ct.payload.device == device for layer in layers)
-        ):
+        if not (self.codec.stages_host_payloads or all(layer.ct.payload.device == device for layer in layers)):
+            # host bytes for a codec that does not stage them itself: per layer, through pinned staging
             return [self.decompress(layer, device, out) for layer, out in zip(layers, outs, strict=True)]
         start = time.perf_counter()
         with self._corruption_named(layers):
-            batched([layer.ct for layer in layers], outs, key=key)
-        if self.verify == "always" or (self.verify == "first" and not self._verified.issuperset(layer.index for layer in layers)):
-            for layer, w in zip(layers, outs, strict=True):
-                self._verify(layer, w)
+            self.codec.decode_many([layer.ct for layer in layers], outs, key=key)
+        self.verify_group(layers, outs)
         self.stats.count_many(layers, time.perf_counter() - start)
         return outs
+
+    def verify_group(self, layers: list[CompressedLinear], weights: list[torch.Tensor]) -> None:
+        """Checksum the decoded weights of layers that need it (all with verify=always, unverified ones with first)."""
+        if self.verify == "always" or (self.verify == "first" and not self._verified.issuperset(layer.index for layer in layers)):
+            for layer, w in zip(layers, weights, strict=True):
+                self._verify(layer, w)
 
     def embed(self, layer: CompressedEmbedding, ids: torch.Tensor) -> torch.Tensor:
         """An embedding lookup: the chunks holding the looked-up rows only, where the codec can
@@ -118,9 +121,8 @@ class CompressedRuntime:
         table, decoded, indexed and dropped. One counted decompression either way.
         The first lookup (verify=first) and every lookup (verify=always) decode the whole table, to verify it."""
         device = ids.device
-        decode_rows = getattr(self.codec, "decode_rows", None)
         must_verify = self.verify == "always" or (self.verify == "first" and layer.index not in self._verified)
-        if decode_rows is None or must_verify or layer.ct.payload.device != device:
+        if must_verify or layer.ct.payload.device != device:
             w = self.decompress(layer, device)
             try:
                 return F.embedding(ids, w, layer.padding_idx)
@@ -128,8 +130,10 @@ class CompressedRuntime:
                 self.drop(layer)
         start = time.perf_counter()
         with self._corruption_named(layer.name):
-            rows, decoded_nbytes = decode_rows(layer.ct, ids)
+            rows, decoded_nbytes = self.codec.decode_rows(layer.ct, ids)
         self.stats.count_decompression(layer.name, decoded_nbytes, time.perf_counter() - start)
+        self.stats.hold(decoded_nbytes)  # alive only during the lookup, but part of the peak
+        self.stats.unhold(decoded_nbytes)
         return rows
 
     @property
@@ -154,6 +158,7 @@ class CompressedRuntime:
                     f"layer {layer.name}: decompressed weight fails its checksum; the compressed bytes are corrupted"
                 )
             self._verified.add(layer.index)
+            self.stats.verifications += 1
 
     def drop(self, layer: CompressedLinear) -> None:
         self.stats.unhold(layer.weight_nbytes)
@@ -171,19 +176,23 @@ class CompressedRuntime:
         self.policy.clear()
 
     def attach(self, model: nn.Module) -> None:
-        """Count forward passes with hooks on the top-level model (for use without the Lightning runner)."""
-        self._hooks.append(model.register_forward_pre_hook(lambda *_: self.begin_pass()))
-        self._hooks.append(model.register_forward_hook(lambda *_: self.end_pass()))
+        """Count forward passes with hooks on the top-level model (for use without the Lightning runner).
+        The hooks are host logic: under torch.compile they run eagerly between graphs."""
+        self._hooks.append(model.register_forward_pre_hook(torch.compiler.disable(lambda *_: self.begin_pass())))
+        self._hooks.append(model.register_forward_hook(torch.compiler.disable(lambda *_: self.end_pass())))
 
     def detach(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
 
-    def set_policy(self, name: str, **options: Any) -> None:
+    def set_policy(self, name: str, captured: bool = False, **options: Any) -> None:
+        """Serve weights through policy `name`; `captured` picks its capturable form (generate.compile=true)."""
         if self.policy is not None:
             self.policy.close()
-        self.policy = make_policy(name, self, **options)
+        if captured and self.verify == "always":
+            raise HarnessError("compress.verify=always cannot run inside a CUDA graph; use verify=first with generate.compile=true")
+        self.policy = make_policy(name, self, captured=captured, **options)
 
     def reset_stats(self) -> None:
         self.stats.reset()
@@ -248,6 +257,7 @@ def compress_model(
     progress: bool = True,
     placement: str = "cpu",
     precompressed: Mapping[str, CompressedTensor] | None = None,
+    captured: bool = False,
     **select_kwargs: Any,
 ) -> CompressedRuntime:
     """Swap the selected linear layers of `model` (in place) for CompressedLinear and return their runtime.
@@ -255,11 +265,13 @@ def compress_model(
     The dense weights are released: after this the model holds only the compressed bytes of those layers.
     `select_kwargs` (layers, order, include, exclude) are passed to `select_layers` when no selection is given.
     `precompressed` (layer name -> CompressedTensor, from harness.artifacts) replaces encoding those layers.
+    `captured` serves the weights through the policy's capturable form (generate.compile=true).
     """
     check_placement(placement, codec)
     if selection is None:
         selection = select_layers(model, **select_kwargs)
-    runtime = CompressedRuntime(codec, verify=verify)
+    device = next((cand.module.weight.device for cand in selection.chosen), torch.device("cpu"))
+    runtime = CompressedRuntime(codec, verify=verify, device=device)
     conv1d = type(None)
     try:
         from transformers.pytorch_utils import Conv1D as conv1d
@@ -297,7 +309,7 @@ def compress_model(
         compress_time_s=time.perf_counter() - start,
         skipped=selection.skipped,
     )
-    runtime.set_policy(policy, **(policy_options or {}))
+    runtime.set_policy(policy, captured=captured, **(policy_options or {}))
     if attach:
         runtime.attach(model)
     return runtime

@@ -13,7 +13,7 @@ class Stats:
     decompressions: int = 0
     decompressions_per_layer: Counter = field(default_factory=Counter)
     decompressions_per_pass: list[int] = field(default_factory=list)
-    decompress_time_s: float = 0.0
+    decompress_time_s: float | None = 0.0  # None: decodes inside captured steps, not timed by the host
     bytes_decompressed: int = 0
     resident_bytes: int = 0  # decompressed weights alive right now
     peak_resident_bytes: int = 0
@@ -47,6 +47,24 @@ class Stats:
                 self.decompressions_per_pass[-1] += len(layers)
             self.decompress_time_s += seconds
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    def add_passes(self, per_pass: list[list[int]], layers) -> None:
+        """Counts read from the device after a generation of captured decodes: `per_pass[p][i]` decodes of
+        `layers[i]` in the p-th pass begun since the last reset. Their time is not measured (it is GPU time
+        inside the step); `decompress_time_s` becomes None."""
+        with self._lock:
+            offset = len(self.decompressions_per_pass) - len(per_pass)
+            if offset < 0:
+                raise RuntimeError(f"captured counts for {len(per_pass)} passes, but {len(self.decompressions_per_pass)} began")
+            for p, row in enumerate(per_pass):
+                for layer, n in zip(layers, row, strict=True):
+                    if n:
+                        self.decompressions_per_layer[layer.name] += n
+                        self.bytes_decompressed += n * layer.weight_nbytes
+                total = sum(row)
+                self.decompressions += total
+                self.decompressions_per_pass[offset + p] += total
+            self.decompress_time_s = None
 
     def hold(self, nbytes: int) -> None:
         with self._lock:

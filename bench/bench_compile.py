@@ -1,0 +1,200 @@
+"""Compressed weights in the fastest dense stack: eager and compiled (static cache + CUDA graphs), one GPU.
+
+    python bench/bench_compile.py --shape llama_1b --batch 1 8 --tokens 64 --rounds 5 --out results.jsonl
+
+Arms, all resident at once on one GPU and timed in alternated rounds (harness.rounds: each round one generation
+of every arm, the order rotated), so every ratio compares generations that ran side by side:
+  dense_eager        HF generate, dynamic cache
+  dense_compiled     generate(cache_implementation="static"): transformers compiles the decode step
+                     (torch.compile mode="reduce-overhead": Inductor + CUDA graphs)
+  block_eager        nvcomp_ans_batched, bytes in VRAM, cache=block (the eager runtime)
+  block_compiled     the same weights through the capturable block policy, compiled like dense_compiled
+  none_compiled      the capturable none policy (each layer decoded at its use), compiled
+Exactness is checked against dense_compiled and dense_eager (token ids, and every logit with torch.equal).
+GB moved per generation step: the weight bytes a step reads (and, decompressing, writes and reads again), and the
+bandwidth that implies at the measured speed. Rows go to --out as JSON lines as they are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from harness.codecs import make_codec  # noqa: E402
+from harness.generation import greedy_generate  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.rounds import alternate, paired_speed_ratio, quartiles, timed  # noqa: E402
+from harness.runner.compiled import compile_details, reset_compile_counters  # noqa: E402
+from harness.runtime import CompressedEmbedding, CompressedLinear, compress_model  # noqa: E402
+from harness.selection import select_layers  # noqa: E402
+
+BASE_PROMPTS = ["The capital of France is", "Lossless compression of weights", "Once upon a time", "The H200 has",
+                "In 1905 Einstein", "A byte plane is", "Decoding on the GPU", "Tokens per second"]
+
+
+def prompts(batch: int) -> list[str]:
+    return [BASE_PROMPTS[i % len(BASE_PROMPTS)] for i in range(batch)]
+
+
+def step_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes a dense step reads, bytes the same step moves with decompress-then-matmul): every parameter once
+    (an untied embedding table contributes only its looked-up rows: ~0), compressed layers' compressed bytes read
+    + dense bytes written + read again."""
+    dense = moved = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, CompressedLinear):
+            dense += module.weight_nbytes
+            moved += module.ct.compressed_nbytes + 2 * module.weight_nbytes
+        elif isinstance(module, CompressedEmbedding):
+            continue
+        else:
+            for p in module.parameters(recurse=False):
+                if id(p) in seen or (isinstance(module, torch.nn.Embedding) and not _tied(model, p)):
+                    continue
+                seen.add(id(p))
+                dense += p.nbytes
+                moved += p.nbytes
+    return dense, moved
+
+
+def _tied(model, p) -> bool:
+    head = getattr(model, "lm_head", None)
+    return head is not None and getattr(head, "weight", None) is p
+
+
+def weights_on_device(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.nbytes
+    for m in model.modules():
+        if isinstance(m, (CompressedLinear, CompressedEmbedding)) and m.ct.payload.device.type == "cuda":
+            total += m.ct.compressed_nbytes
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama_1b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--arms", nargs="+", default=["dense_eager", "dense_compiled", "block_eager", "block_compiled", "none_compiled"])
+    ap.add_argument("--out", default="bench_compile.jsonl")
+    args = ap.parse_args()
+    torch._dynamo.config.cache_size_limit = 64  # several compiled models share transformers' code objects
+    out = open(args.out, "a")
+
+    def emit(row):
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
+
+    device = torch.device("cuda")
+    card = torch.cuda.get_device_name(device)
+    t = time.perf_counter()
+    dense = load_model({"kind": "synthetic", "name": args.shape, "shape": args.shape, "seed": 0, "dtype": "bfloat16"}, device)
+    emit({"event": "loaded", "shape": args.shape, "card": card, "load_s": time.perf_counter() - t,
+          "torch": torch.__version__, "driver": torch.version.cuda})
+    tok = dense.tokenizer
+    models = {"dense_eager": (dense.model, False, None), "dense_compiled": (dense.model, True, None)}
+    encoded = None
+    for arm, policy, captured in (("block_eager", "block", False), ("block_compiled", "block", True), ("none_compiled", "none", True)):
+        if arm not in args.arms:
+            continue
+        t = time.perf_counter()
+        model = copy.deepcopy(dense.model)
+        sel = select_layers(model, "all", embeddings=True)
+        rt = compress_model(model, make_codec("nvcomp_ans_batched"), selection=sel, policy=policy, placement="gpu",
+                            precompressed=encoded, captured=captured, attach=True, progress=False)
+        torch.cuda.synchronize()
+        encoded = encoded or {layer.name: layer.ct for layer in rt.layers}  # encode once, share the bytes
+        models[arm] = (model, captured, rt)
+        emit({"event": "compressed", "arm": arm, "s": time.perf_counter() - t, "ratio": rt.report.compression_ratio,
+              "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}"})
+    gc.collect()
+    arms = [a for a in args.arms if a in models]
+
+    for batch in args.batch:
+        ps = prompts(batch)
+
+        def run(arm, ps=ps):
+            model, compile_, rt = models[arm]
+            if rt is not None:
+                rt.reset_stats()
+            g = greedy_generate(model, tok, ps, args.tokens, min_new_tokens=args.tokens, device=device,
+                                compile=compile_)
+            if rt is not None:
+                rt.end_generation()
+            return g
+
+        warm = {}
+        for arm in arms:  # warm-up: compilation, cuBLAS heuristics, CUDA-graph recording, pointer tables
+            reset_compile_counters()
+            t = time.perf_counter()
+            for _ in range(3):
+                run(arm)
+            torch.cuda.synchronize()
+            warm[arm] = {"warmup_s": time.perf_counter() - t, **compile_details()}
+        times = {arm: [] for arm in arms}
+        gpu = {arm: [] for arm in arms}
+        outs = {}
+        for order in alternate(arms, args.rounds):
+            for arm in order:
+                g, timing = timed(lambda arm=arm: run(arm), device)
+                times[arm].append(timing.wall_s)
+                gpu[arm].append(timing.gpu_s)
+                outs[arm] = g
+        ref_c, ref_e = outs.get("dense_compiled"), outs.get("dense_eager")
+        for arm in arms:
+            model, compile_, rt = models[arm]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run(arm)
+            torch.cuda.synchronize()
+            transient = torch.cuda.max_memory_allocated() - before
+            weights = weights_on_device(model)
+            dense_b, moved_b = step_bytes(model)
+            q1, med, q3 = quartiles(times[arm])
+            tok_s = batch * args.tokens / med
+            g = outs[arm]
+            row = {"event": "row", "shape": args.shape, "card": card, "batch": batch, "tokens": args.tokens, "arm": arm,
+                   "compiled": compile_, "time_s": med, "time_s_q1": q1, "time_s_q3": q3, "tok_s": tok_s,
+                   "gpu_time_s": quartiles(gpu[arm])[1], "times_s": times[arm],
+                   "weights_bytes": weights, "peak_bytes": weights + transient, "transient_bytes": transient,
+                   "step_dense_bytes": dense_b, "step_moved_bytes": moved_b,
+                   "gb_per_step": moved_b / 1e9, "implied_gbps": moved_b / 1e9 * (args.tokens / med), **warm[arm]}
+            for name, ref in (("dense_compiled", ref_c), ("dense_eager", ref_e)):
+                if ref is not None:
+                    row[f"tokens_equal_{name}"] = g.new_token_ids == ref.new_token_ids
+                    row[f"logits_equal_{name}"] = bool(torch.equal(g.logits, ref.logits))
+                    row[f"max_dlogit_{name}"] = (g.logits.float() - ref.logits.float()).abs().max().item()
+            for name in ("dense_compiled", "dense_eager", "block_eager"):
+                if name in times and name != arm:
+                    r = paired_speed_ratio(times[name], times[arm])
+                    row[f"vs_{name}"] = r["speed_ratio"]
+                    row[f"vs_{name}_iqr"] = [r["speed_ratio_q1"], r["speed_ratio_q3"]]
+            if rt is not None:
+                snap = rt.stats.snapshot()
+                row.update(decompressions=snap["decompressions"], passes=snap["forward_passes"],
+                           per_pass=sorted(set(snap["decompressions_per_pass"])))
+            emit(row)
+    out.close()
+
+
+if __name__ == "__main__":
+    main()

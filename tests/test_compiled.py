@@ -1,0 +1,112 @@
+"""generate.compile=true on the CPU: static cache + torch.compile (Inductor, no CUDA graphs) for both phases, the
+compressed weights served through the capturable policies. Bit-exact with the compiled dense model, and the
+device-side counters equal the eager policy's exact counts."""
+
+import copy
+
+import pytest
+import torch
+
+from harness.codecs import make_codec
+from harness.errors import HarnessError
+from harness.generation import greedy_generate
+from harness.models import tiny_llama
+from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
+from harness.runtime import CAPTURED_POLICIES, compress_model
+
+PROMPTS = ["The capital of France is"]
+NEW = 5
+LAYERS = 2 * 7 + 1  # tiny Llama: 2 blocks x 7 linear layers + the untied lm_head
+
+
+def generate(model, tokenizer, compile):
+    return greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=NEW, min_new_tokens=NEW, compile=compile)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """The tiny model's compiled dense generation (twice: the second must equal the first)."""
+    loaded = tiny_llama(seed=0)
+    reset_compile_counters()
+    first = generate(loaded.model, loaded.tokenizer, True)
+    mode = compile_mode(torch.device("cpu"))
+    second = generate(loaded.model, loaded.tokenizer, True)
+    release_compiled(loaded.model)
+    return loaded, first, second, mode
+
+
+def run_compressed(loaded, policy, compile, generations=2, **kw):
+    model = copy.deepcopy(loaded.model)
+    runtime = compress_model(model, make_codec("zstd_grouped"), policy=policy, layers="all", progress=False,
+                             captured=compile, attach=False, **kw)
+    runtime.attach(model)
+    outs, counts = [], []
+    reset_compile_counters()
+    try:
+        for _ in range(generations):
+            runtime.reset_stats()
+            outs.append(generate(model, loaded.tokenizer, compile))
+            runtime.end_generation()
+            counts.append(runtime.stats.snapshot())
+        mode = compile_mode(torch.device("cpu"))
+    finally:
+        runtime.close()
+        release_compiled(model)
+    return outs, counts, mode
+
+
+def test_dense_compiles_and_repeats_itself(dense):
+    _, first, second, mode = dense
+    assert mode == "inductor"  # really compiled (dynamo built graphs), no CUDA graphs on the CPU
+    assert torch.equal(first.logits, second.logits)
+
+
+@pytest.mark.parametrize("policy", sorted(CAPTURED_POLICIES.names()))
+def test_compiled_compressed_is_bit_exact_with_compiled_dense(dense, policy):
+    loaded, ref, _, _ = dense
+    outs, counts, mode = run_compressed(loaded, policy, compile=True)
+    assert mode == "inductor"
+    for out in outs:
+        assert out.new_token_ids == ref.new_token_ids
+        assert torch.equal(out.logits, ref.logits)  # every logit of every step, bit for bit
+
+
+@pytest.mark.parametrize("policy", sorted(CAPTURED_POLICIES.names()))
+def test_compiled_counts_equal_the_eager_policy(dense, policy):
+    loaded, _, _, _ = dense
+    _, compiled, _ = run_compressed(loaded, policy, compile=True)
+    _, eager, _ = run_compressed(loaded, policy, compile=False)
+    for c, e in zip(compiled, eager, strict=True):
+        # analytic: every layer once per pass (L x P), counted per pass and per layer
+        assert c["forward_passes"] == e["forward_passes"] == NEW
+        assert c["decompressions_per_pass"] == e["decompressions_per_pass"] == [LAYERS] * NEW
+        assert c["decompressions_per_layer"] == e["decompressions_per_layer"]
+        assert c["bytes_decompressed"] == e["bytes_decompressed"]
+    assert compiled[0]["decompress_time_s"] is None  # decodes inside compiled steps are not host-timed
+
+
+def test_block_holds_one_block_compiled(dense):
+    loaded, _, _, _ = dense
+    _, counts, _ = run_compressed(loaded, "block", compile=True, generations=1)
+    largest_block = max(
+        sum(m.weight.numel() * m.weight.element_size() for m in block.modules() if isinstance(m, torch.nn.Linear))
+        for block in loaded.model.model.layers
+    )
+    assert 0 < counts[0]["peak_resident_decompressed_bytes"] <= largest_block + 7 * 256  # alignment padding
+
+
+def test_policies_without_a_compiled_form_are_refused():
+    loaded = tiny_llama(seed=0)
+    with pytest.raises(HarnessError, match="cache policy under generate.compile=true"):
+        compress_model(loaded.model, make_codec("zstd_grouped"), policy="lru", policy_options={"budget_mb": 10},
+                       layers="all", progress=False, captured=True)
+
+
+def test_block_ahead_and_verify_always_are_refused():
+    loaded = tiny_llama(seed=0)
+    with pytest.raises(HarnessError, match="cache.ahead=1 has no captured form"):
+        compress_model(copy.deepcopy(loaded.model), make_codec("zstd_grouped"), policy="block",
+                       policy_options={"ahead": 1}, layers="all", progress=False, captured=True)
+    with pytest.raises(HarnessError, match="verify=always"):
+        compress_model(copy.deepcopy(loaded.model), make_codec("zstd_grouped"), policy="block", verify="always",
+                       layers="all", progress=False, captured=True)
