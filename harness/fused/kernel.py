@@ -35,8 +35,22 @@ BLOCK_M = 16  # tl.dot needs >= 16 on every side; rows of x beyond M load as zer
 
 
 @triton.jit
-def _decoded_tile(sm_ptr, c2_ptr, c1_ptr, esc_ptr, off_ptr, rows, kb, pid_n, Np, Kp, NG, base,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _decoded_tile(
+    sm_ptr,
+    c2_ptr,
+    c1_ptr,
+    esc_ptr,
+    off_ptr,
+    rows,
+    kb,
+    pid_n,
+    Np,
+    Kp,
+    NG,
+    base,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rmask = (rows < Np)[:, None]
     r = rows.to(tl.int64)[:, None]
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -69,10 +83,33 @@ def _decoded_tile(sm_ptr, c2_ptr, c1_ptr, esc_ptr, off_ptr, rows, kb, pid_n, Np,
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, sm_ptr, c2_ptr, c1_ptr, esc_ptr, off_ptr, y_ptr, ws_ptr,
-                   M, N, K, Np, Kp, NG, base, stride_xm, stride_wn, kb_per_split,
-                   FUSED: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    sm_ptr,
+    c2_ptr,
+    c1_ptr,
+    esc_ptr,
+    off_ptr,
+    y_ptr,
+    ws_ptr,
+    M,
+    N,
+    K,
+    Np,
+    Kp,
+    NG,
+    base,
+    stride_xm,
+    stride_wn,
+    kb_per_split,
+    FUSED: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -83,13 +120,15 @@ def _linear_kernel(x_ptr, w_ptr, sm_ptr, c2_ptr, c1_ptr, esc_ptr, off_ptr, y_ptr
     for kb in range(kb0, kb0 + kb_per_split):
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         if FUSED:
-            w = _decoded_tile(sm_ptr, c2_ptr, c1_ptr, esc_ptr, off_ptr, rows, kb, pid_n, Np, Kp, NG, base,
-                              BLOCK_N, BLOCK_K)
+            w = _decoded_tile(
+                sm_ptr, c2_ptr, c1_ptr, esc_ptr, off_ptr, rows, kb, pid_n, Np, Kp, NG, base, BLOCK_N, BLOCK_K
+            )
         else:
             w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + k[None, :]
             w = tl.load(w_ptrs, mask=(rows < N)[:, None] & (k < K)[None, :], other=0.0)
-        xt = tl.load(x_ptr + ms[None, :] * stride_xm + k[:, None], mask=(ms < M)[None, :] & (k < K)[:, None],
-                     other=0.0)  # [BLOCK_K, BLOCK_M]: x transposed, so W is the big (A) operand
+        xt = tl.load(
+            x_ptr + ms[None, :] * stride_xm + k[:, None], mask=(ms < M)[None, :] & (k < K)[:, None], other=0.0
+        )  # [BLOCK_K, BLOCK_M]: x transposed, so W is the big (A) operand
         if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32 anyway
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -184,10 +223,33 @@ def launch(x2d: torch.Tensor, w: torch.Tensor | None, p: Packed | None, tk: int,
     ws = torch.empty((cfg.split, m, n), dtype=torch.float32, device=x2d.device) if cfg.split > 1 else y
     grid = (triton.cdiv(n, cfg.block_n), cfg.split, triton.cdiv(m, BLOCK_M))
     wrap(_linear_kernel)[grid](
-        x2d, w_arg, sm, c2, c1, esc, off, y, ws,
-        m, n, k, np_, kp, np_ // ROW_GROUP if fused else 0, base, x2d.stride(0), stride_wn, kb // cfg.split,
-        FUSED=fused, SPLIT=cfg.split, DOT_F32=INTERPRET, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=tk,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x2d,
+        w_arg,
+        sm,
+        c2,
+        c1,
+        esc,
+        off,
+        y,
+        ws,
+        m,
+        n,
+        k,
+        np_,
+        kp,
+        np_ // ROW_GROUP if fused else 0,
+        base,
+        x2d.stride(0),
+        stride_wn,
+        kb // cfg.split,
+        FUSED=fused,
+        SPLIT=cfg.split,
+        DOT_F32=INTERPRET,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=tk,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if cfg.split > 1:
         total = m * n
@@ -199,8 +261,18 @@ def launch(x2d: torch.Tensor, w: torch.Tensor | None, p: Packed | None, tk: int,
 
 
 @torch.library.triton_op("codecllm::fused_linear", mutates_args=())
-def _fused_linear_op(x: torch.Tensor, signman: torch.Tensor, code2: torch.Tensor, code1: torch.Tensor,
-                     esc: torch.Tensor, esc_off: torch.Tensor, base: int, n: int, k: int, tk: int) -> torch.Tensor:
+def _fused_linear_op(
+    x: torch.Tensor,
+    signman: torch.Tensor,
+    code2: torch.Tensor,
+    code1: torch.Tensor,
+    esc: torch.Tensor,
+    esc_off: torch.Tensor,
+    base: int,
+    n: int,
+    k: int,
+    tk: int,
+) -> torch.Tensor:
     p = Packed(signman, code2, code1, esc, esc_off, base, (n, k), tk)
     cfg = config_for(True, x.shape[0], n, k, tk)
     return launch(x, None, p, tk, cfg, wrap=torch.library.wrap_triton)
@@ -221,8 +293,7 @@ def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
 def fused_linear(x: torch.Tensor, p: Packed) -> torch.Tensor:
     """y = x @ W.T for x [..., K] bf16 and W packed (exp3); y [..., N] bf16, fp32 accumulation."""
     n, k = p.shape
-    y = torch.ops.codecllm.fused_linear(_flat(x, k), p.signman, p.code2, p.code1, p.esc, p.esc_off, p.base, n, k,
-                                        p.tk)
+    y = torch.ops.codecllm.fused_linear(_flat(x, k), p.signman, p.code2, p.code1, p.esc, p.esc_off, p.base, n, k, p.tk)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -245,7 +316,7 @@ def tune(x: torch.Tensor, p: Packed, w: torch.Tensor | None = None, configs=None
         for cfg in configs or CONFIGS:
             if not valid(cfg, n, k, p.tk):
                 continue
-            fn = (lambda c=cfg, f=fused, wt=wt: launch(x2d, wt, p if f else None, p.tk, c))  # noqa: E731
+            fn = lambda c=cfg, f=fused, wt=wt: launch(x2d, wt, p if f else None, p.tk, c)  # noqa: E731
             us = triton.testing.do_bench(fn, warmup=5, rep=rep_ms) * 1e3
             timings[(fused, str(cfg))] = us
             if best is None or us < best[0]:
