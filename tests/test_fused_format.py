@@ -7,7 +7,16 @@ import sys
 import pytest
 import torch
 
-from harness.fused.format import ESCAPE, ROW_GROUP, decode, encode, escape_count, exponent_histogram, unpack_codes
+from harness.fused.format import (
+    ESCAPE,
+    ROW_GROUP,
+    choose_tk,
+    decode,
+    encode,
+    escape_count,
+    exponent_histogram,
+    unpack_codes,
+)
 
 
 def normal(n, k, seed=0, std=0.02):
@@ -83,6 +92,12 @@ def test_ratio_and_escape_rate_on_normal_weights():
     assert 0.015 < escape_count(p) / w.numel() < 0.03
     hist = exponent_histogram(w)
     assert int(hist[p.base : p.base + ESCAPE].sum()) == w.numel() - escape_count(p)
+
+
+def test_k_block_follows_k():
+    assert [choose_tk(k) for k in (4096, 14336, 576, 1100, 1)] == [512, 512, 64, 128, 64]
+    p = encode(normal(64, 576))  # SmolLM2's hidden size: a 512 block would pad 576 to 1024 (ratio < 1)
+    assert p.tk == 64 and p.signman.shape == (64, 576) and p.ratio >= 1.40
 
 
 def test_encode_rejects_wrong_input():

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 ROW_GROUP = 16  # escape offsets per 16 rows: the kernel's BLOCK_N is any multiple of it
-DEFAULT_TK = 512  # k block of the escape order; the kernel's BLOCK_K must equal it
 ESCAPE = 7
 HEADER_BYTES = 16  # base, N, K, tk as 4 bytes each: counted so nbytes is the whole stored size
 
@@ -84,10 +83,18 @@ def best_window(hist: torch.Tensor, width: int = ESCAPE) -> int:
     return int(torch.argmax(windows))
 
 
-def encode(w: torch.Tensor, tk: int = DEFAULT_TK) -> Packed:
-    """Pack a 2-D bf16 tensor; runs on w's device (GPU: an 8B model in seconds; CPU: fine for tests)."""
+def choose_tk(k: int) -> int:
+    """The k block wasting the least padding, the larger on ties: K=4096 -> 512, but K=576 (SmolLM2) -> 64, where
+    512 would pad the row to 1024 and cost more than the code saves."""
+    return min((512, 256, 128, 64), key=lambda t: (_round_up(max(k, 1), t), -t))
+
+
+def encode(w: torch.Tensor, tk: int | None = None) -> Packed:
+    """Pack a 2-D bf16 tensor; runs on w's device (GPU: an 8B model in seconds; CPU: fine for tests).
+    tk: the k block (the kernel's BLOCK_K); None picks it from K (choose_tk)."""
     if w.dtype != torch.bfloat16 or w.dim() != 2:
         raise ValueError(f"encode wants a 2-D bfloat16 tensor, got {w.dtype} {tuple(w.shape)}")
+    tk = choose_tk(w.shape[1]) if tk is None else tk
     if tk % 64 or tk <= 0:
         raise ValueError(f"tk={tk} must be a positive multiple of 64")
     n, k = w.shape
