@@ -140,14 +140,20 @@ def kernel():
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "m", "bn", "split"),
-    [(32, 512, 1, 16, 1), (48, 1100, 3, 32, 1), (40, 1024, 8, 16, 2), (16, 2048, 2, 16, 4), (20, 512, 17, 32, 1)],
+    ("n", "k", "m", "bn", "split", "tk"),
+    [
+        (32, 512, 1, 16, 1, None),
+        (48, 1100, 3, 32, 1, None),
+        (40, 1024, 8, 16, 2, None),
+        (16, 512, 2, 16, 4, 128),
+        (20, 512, 17, 32, 1, None),
+    ],
 )
-def test_interpreted_kernel_equals_reference_variant(kernel, n, k, m, bn, split):
+def test_interpreted_kernel_equals_reference_variant(kernel, n, k, m, bn, split, tk):
     w = normal(n, k, seed=n + k)
     w[1, :4] = torch.tensor([1e-30, 0.0, -0.0, 2.5e3])  # escapes on both sides of the window
     x = normal(m, k, seed=m, std=1.0)
-    p = encode(w)
+    p = encode(w, tk=tk)
     cfg = kernel.Config(block_n=bn, num_warps=4, split=split)
     fused = kernel.launch(x, None, p, p.tk, cfg)
     ref = kernel.launch(x, w, None, p.tk, cfg)
