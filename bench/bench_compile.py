@@ -10,6 +10,10 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   block_eager        nvcomp_ans_batched, bytes in VRAM, cache=block (the eager runtime)
   block_compiled     the same weights through the capturable block policy, compiled like dense_compiled
   none_compiled      the capturable none policy (each layer decoded at its use), compiled
+  block_*_emb        the same with the (untied) embedding table compressed too
+  dense_compiled_ref dense, compiled, its lookup behind an opaque op: the exactness reference of
+                     block_compiled_emb (Inductor fuses a plain lookup into the first RMSNorm, which rounds
+                     differently from the same RMSNorm on an op's output)
 Exactness is checked against dense_compiled and dense_eager (token ids, and every logit with torch.equal).
 GB moved per generation step: the weight bytes a step reads (and, decompressing, writes and reads again), and the
 bandwidth that implies at the measured speed. Rows go to --out as JSON lines as they are measured.
@@ -37,6 +41,7 @@ from harness.models import load_model  # noqa: E402
 from harness.rounds import alternate, paired_speed_ratio, quartiles, timed  # noqa: E402
 from harness.runner.compiled import compile_details, reset_compile_counters  # noqa: E402
 from harness.runtime import CompressedEmbedding, CompressedLinear, compress_model  # noqa: E402
+from harness.runtime.captured import OpaqueEmbedding  # noqa: E402
 from harness.selection import select_layers  # noqa: E402
 
 BASE_PROMPTS = ["The capital of France is", "Lossless compression of weights", "Once upon a time", "The H200 has",
@@ -111,17 +116,25 @@ def main() -> None:
           "torch": torch.__version__, "driver": torch.version.cuda})
     tok = dense.tokenizer
     models = {"dense_eager": (dense.model, False, None), "dense_compiled": (dense.model, True, None)}
-    encoded = None
-    for arm, policy, captured in (("block_eager", "block", False), ("block_compiled", "block", True), ("none_compiled", "none", True)):
+    if "dense_compiled_ref" in args.arms and not dense.model.config.tie_word_embeddings:
+        # the exactness reference of block_compiled_emb: the dense lookup behind an opaque op (captured.py)
+        ref_model = copy.deepcopy(dense.model)
+        ref_model.model.embed_tokens = OpaqueEmbedding(ref_model.model.embed_tokens)
+        models["dense_compiled_ref"] = (ref_model, True, None)
+    encoded: dict = {}
+    for arm, policy, captured, embeddings in (("block_eager", "block", False, False), ("block_compiled", "block", True, False),
+                                              ("none_compiled", "none", True, False), ("block_eager_emb", "block", False, True),
+                                              ("block_compiled_emb", "block", True, True)):
         if arm not in args.arms:
             continue
         t = time.perf_counter()
         model = copy.deepcopy(dense.model)
-        sel = select_layers(model, "all", embeddings=True)
+        sel = select_layers(model, "all", embeddings=embeddings)
+        have = {c.name for c in sel.chosen} <= set(encoded)
         rt = compress_model(model, make_codec("nvcomp_ans_batched"), selection=sel, policy=policy, placement="gpu",
-                            precompressed=encoded, captured=captured, attach=True, progress=False)
+                            precompressed=encoded if have else None, captured=captured, attach=True, progress=False)
         torch.cuda.synchronize()
-        encoded = encoded or {layer.name: layer.ct for layer in rt.layers}  # encode once, share the bytes
+        encoded.update({layer.name: layer.ct for layer in rt.layers})  # encode once, share the bytes
         models[arm] = (model, captured, rt)
         emit({"event": "compressed", "arm": arm, "s": time.perf_counter() - t, "ratio": rt.report.compression_ratio,
               "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}"})
@@ -158,7 +171,7 @@ def main() -> None:
                 times[arm].append(timing.wall_s)
                 gpu[arm].append(timing.gpu_s)
                 outs[arm] = g
-        ref_c, ref_e = outs.get("dense_compiled"), outs.get("dense_eager")
+        refs = {name: outs.get(name) for name in ("dense_compiled", "dense_eager", "dense_compiled_ref")}
         for arm in arms:
             model, compile_, rt = models[arm]
             torch.cuda.synchronize()
@@ -178,7 +191,7 @@ def main() -> None:
                    "weights_bytes": weights, "peak_bytes": weights + transient, "transient_bytes": transient,
                    "step_dense_bytes": dense_b, "step_moved_bytes": moved_b,
                    "gb_per_step": moved_b / 1e9, "implied_gbps": moved_b / 1e9 * (args.tokens / med), **warm[arm]}
-            for name, ref in (("dense_compiled", ref_c), ("dense_eager", ref_e)):
+            for name, ref in refs.items():
                 if ref is not None:
                     row[f"tokens_equal_{name}"] = g.new_token_ids == ref.new_token_ids
                     row[f"logits_equal_{name}"] = bool(torch.equal(g.logits, ref.logits))

@@ -103,6 +103,7 @@ class Codec(ABC):
         encode / decode                 one tensor (required)
         decode_many(cts, outs, key)     several tensors in one call (default: a loop of decode)
         decode_rows(ct, ids)            the rows of a 2-D table an embedding lookup needs (default: whole table)
+        prepare_rows(ct)                decode_rows for one table, prepared once
         prepare_group(cts, offsets)     a prepared decode of several tensors into one buffer (default: decode)
     and two declared facts: `decode_device` (where decode runs) and `stages_host_payloads` (decode_many copies
     host-resident bytes to the GPU itself, so host placement needs no per-layer staging by the runtime).
@@ -134,8 +135,15 @@ class Codec(ABC):
     def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """`F.embedding(ids, weight)` bit for bit, and the bytes decoded to get it. The default decodes the whole
         table; a codec whose chunks hold whole rows decodes only the chunks the ids need."""
-        table = self.decode(ct).to(ids.device, non_blocking=True)
-        return torch.nn.functional.embedding(ids, table), ct.original_nbytes
+        return self.prepare_rows(ct)(ids)
+
+    def prepare_rows(self, ct: CompressedTensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
+        """decode_rows for one table, prepared once (a `capturable` codec's lookup only launches work)."""
+        def lookup(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+            table = self.decode(ct).to(ids.device, non_blocking=True)
+            return torch.nn.functional.embedding(ids, table), ct.original_nbytes
+
+        return lookup
 
     def prepare_group(self, cts: list[CompressedTensor], offsets: list[int]) -> Callable[[torch.Tensor], None]:
         """A function that decodes `cts` into a flat uint8 buffer, tensor i at byte `offsets[i]`. A `capturable`

@@ -143,7 +143,7 @@ class NvcompANSBatched(Codec):
         self._lock = threading.Lock()
         # Per-tensor tables of decode / decode_rows, keyed by id(ct) with the tensor kept alive beside them
         # (codec state lives with the codec, not on the CompressedTensor).
-        self._tables: dict[tuple[str, int], tuple[CompressedTensor, dict[str, Any]]] = {}
+        self._tables: dict[tuple[str, int], tuple[CompressedTensor, Any]] = {}
 
     def settings(self) -> dict[str, Any]:
         return {"chunk_bytes": self.chunk_bytes}
@@ -338,11 +338,12 @@ class NvcompANSBatched(Codec):
         run.keep = (cts, comp, comp_bytes, out_bytes)  # the device tables the launch points into live with it
         return run
 
-    def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Rows `ids` of a 2-D tensor (an embedding lookup, `F.embedding(ids, w)` bit for bit) and the number of
-        bytes decoded to get them, decoding only the chunk that holds each row: one chunk per id (duplicates decode twice; a lookup of more ids than the
-        table has chunks decodes the whole table instead). No host synchronisation: chunk pointers are gathered
-        on the GPU from a per-table pointer table."""
+    def prepare_rows(self, ct: CompressedTensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
+        """A lookup of rows `ids` of a 2-D table (`F.embedding(ids, w)` bit for bit) that decodes only the chunk
+        holding each row: one chunk per id (duplicates decode twice; more ids than the table has chunks decode
+        the whole table). Built once: per-chunk pointer tables on the GPU and a temp buffer for a whole-table
+        decode; a call gathers the chunks' pointers on the GPU and launches nvCOMP on the current stream, so it
+        can be captured (the bytes must be in VRAM). Returns (rows, bytes decoded)."""
         layout = layout_of(ct)
         if len(ct.shape) != 2:
             raise ValueError(f"decode_rows needs a 2-D table, not shape {ct.shape}")
@@ -350,38 +351,54 @@ class NvcompANSBatched(Codec):
         row_bytes = width * ct.torch_dtype.itemsize
         if layout.chunk_bytes % row_bytes:
             raise ValueError(f"decode_rows needs whole rows per chunk (chunk {layout.chunk_bytes} B, row {row_bytes} B)")
-        flat = ids.reshape(-1)
-        n = flat.numel()
-        device = ids.device
-        if n >= layout.num_chunks:
-            return torch.nn.functional.embedding(ids, self.decode(ct)), ct.original_nbytes
-        state = self._state()
-        src = ct.payload
-        if src.device != device:
-            raise ValueError("decode_rows reads the compressed bytes in place: they must be on the ids' device")
-        tables = self._table("rows", ct)
-        if tables is None or tables["device"] != device or tables["src"] != src.data_ptr():
-            t = chunk_tables([ct])
-            tables = {
-                "device": device, "src": src.data_ptr(),
-                "comp": _ptr_table([src.data_ptr() + r for r in t["rel_comp"]], device),
-                "comp_bytes": _ptr_table(t["comp_bytes"], device), "out_bytes": _ptr_table(t["out_bytes"], device),
-                "arange": torch.arange(0, layout.num_chunks, dtype=torch.int64, device=device), "temp": {},
-            }
-            self._tables[("rows", id(ct))] = ct, tables
-        per_chunk = layout.chunk_bytes // row_bytes
-        chunk = torch.div(flat, per_chunk, rounding_mode="floor")
-        out = torch.empty((n, layout.chunk_bytes), dtype=torch.uint8, device=device)
-        out_ptrs = tables["arange"][:n] * layout.chunk_bytes + out.data_ptr()
-        temp_bytes = tables["temp"].get(n)
-        if temp_bytes is None:
-            temp_bytes = tables["temp"][n] = self._temp_bytes(n, layout.chunk_bytes, n * layout.chunk_bytes, ct.meta["data_type"])
-        self._call(self._args(state, n, tables["comp"][chunk], tables["comp_bytes"][chunk], tables["out_bytes"][chunk],
-                              out_ptrs, temp_bytes, ct.meta["data_type"], device))
-        picked = out.view(ct.torch_dtype).view(n, per_chunk, width)[tables["arange"][:n], flat - chunk * per_chunk]
-        return picked.view(*ids.shape, width), n * layout.chunk_bytes
+        src, device = ct.payload, ct.payload.device
+        if device.type != "cuda":
+            raise ValueError("decode_rows reads the compressed bytes in place: they must be in VRAM")
+        t = chunk_tables([ct])
+        num, chunk_bytes, data_type = layout.num_chunks, layout.chunk_bytes, ct.meta["data_type"]
+        comp = _ptr_table([src.data_ptr() + r for r in t["rel_comp"]], device)
+        comp_bytes, out_bytes = _ptr_table(t["comp_bytes"], device), _ptr_table(t["out_bytes"], device)
+        arange = torch.arange(0, num, dtype=torch.int64, device=device)
+        temp = torch.empty(max(self._temp_bytes(num, chunk_bytes, num * chunk_bytes, data_type), 1), dtype=torch.uint8, device=device)
+        actual = torch.zeros(num, dtype=torch.int64, device=device)
+        statuses = torch.zeros(num, dtype=torch.int32, device=device)
+        opts, lib, per_chunk = self._decompress_opts(data_type), self.lib, chunk_bytes // row_bytes
 
-    def _table(self, kind: str, ct: CompressedTensor) -> dict[str, Any] | None:
+        def launch(n: int, which: torch.Tensor | None, out: torch.Tensor) -> None:
+            out_ptrs = arange[:n] * chunk_bytes + out.data_ptr()
+            cp, cb, ob = (comp, comp_bytes, out_bytes) if which is None else (comp[which], comp_bytes[which], out_bytes[which])
+            _check(lib.nvcompBatchedANSDecompressAsync(
+                cp.data_ptr(), cb.data_ptr(), ob.data_ptr(), actual.data_ptr(), n, temp.data_ptr(), temp.numel(),
+                out_ptrs.data_ptr(), opts, statuses.data_ptr(), _current_stream_ptr()), "decompress")
+
+        def lookup(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+            flat = ids.reshape(-1)
+            n = flat.numel()
+            if n >= num:  # as many ids as chunks: the whole table, decoded once
+                table = torch.empty(num * chunk_bytes, dtype=torch.uint8, device=device)
+                launch(num, None, table)
+                w = table[: ct.original_nbytes].view(ct.torch_dtype).view(ct.shape)
+                return torch.nn.functional.embedding(ids, w), ct.original_nbytes
+            chunk = torch.div(flat, per_chunk, rounding_mode="floor")
+            out = torch.empty((n, chunk_bytes), dtype=torch.uint8, device=device)
+            launch(n, chunk, out)
+            picked = out.view(ct.torch_dtype).view(n, per_chunk, width)[arange[:n], flat - chunk * per_chunk]
+            return picked.view(*ids.shape, width), n * chunk_bytes
+
+        lookup.keep = (ct, comp, comp_bytes, out_bytes)  # the device tables the launches point into live with it
+        return lookup
+
+    def decode_rows(self, ct: CompressedTensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows `ids` (see prepare_rows), the prepared lookup kept per table."""
+        if ct.payload.device != ids.device:
+            raise ValueError("decode_rows reads the compressed bytes in place: they must be on the ids' device")
+        lookup = self._table("rows", ct)
+        if lookup is None:
+            lookup = self.prepare_rows(ct)
+            self._tables[("rows", id(ct))] = ct, lookup
+        return lookup(ids)
+
+    def _table(self, kind: str, ct: CompressedTensor) -> Any:
         entry = self._tables.get((kind, id(ct)))
         return entry[1] if entry is not None and entry[0] is ct else None
 

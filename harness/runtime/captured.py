@@ -37,29 +37,61 @@ ALIGN_BYTES = 256
 class _Group:
     decode: Callable[[torch.Tensor], None]  # into a flat uint8 buffer
     nbytes: int
-    index: torch.Tensor  # the layers' runtime indices (int64, on the device): what `counts` adds one to
+    slots: torch.Tensor  # where in the flattened counts [2, layers] this group's decodes and bytes go (int64)
+    amounts: torch.Tensor  # what to add there: 1 per layer, then each layer's bytes
 
 
-# handle -> group. A custom op takes tensors and scalars only, so the prepared decodes live in this table and the
-# op names one by an integer (dynamo bakes the integer into the graph).
+@dataclass
+class _Rows:
+    lookup: Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # ids -> (rows, bytes decoded)
+    width: int
+    dtype: torch.dtype
+    index: int  # the table's runtime index: its decodes at counts[0, index], bytes at counts[1, index]
+
+
+# handle -> prepared decode. A custom op takes tensors and scalars only, so the prepared decodes live in these
+# tables and the ops name one by an integer (dynamo bakes the integer into the graph).
 _GROUPS: list[_Group | None] = []
+_ROWS: list[_Rows | None] = []
+
+
+def _entry(table: list, handle: int, op: str):
+    entry = table[handle]
+    if entry is None:
+        raise RuntimeError(f"codecllm::{op}: decode {handle} belongs to a closed runtime")
+    return entry
 
 
 @torch.library.custom_op("codecllm::decode_group", mutates_args=("counts",))
 def decode_group(x: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
-    """Group `handle`'s dense weights in a new flat uint8 buffer; `counts[its layers] += 1`."""
-    group = _GROUPS[handle]
-    if group is None:
-        raise RuntimeError(f"codecllm::decode_group: group {handle} belongs to a closed runtime")
+    """Group `handle`'s dense weights in a new flat uint8 buffer; its decodes and bytes added to `counts`."""
+    group = _entry(_GROUPS, handle, "decode_group")
     out = torch.empty(group.nbytes, dtype=torch.uint8, device=counts.device)
     group.decode(out)
-    counts.index_add_(0, group.index, torch.ones_like(group.index))
+    counts.view(-1).index_add_(0, group.slots, group.amounts)
     return out
 
 
 @decode_group.register_fake
 def _decode_group_fake(x: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
     return counts.new_empty(_GROUPS[handle].nbytes, dtype=torch.uint8)
+
+
+@torch.library.custom_op("codecllm::embed_rows", mutates_args=("counts",))
+def embed_rows(ids: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
+    """The embedding rows of `ids` from table `handle`'s compressed bytes (only the chunks holding them, with a
+    codec that can); one decode and its bytes added to `counts`."""
+    rows = _entry(_ROWS, handle, "embed_rows")
+    out, nbytes = rows.lookup(ids)
+    counts[0, rows.index].add_(1)  # scalar adds: kernels with the value as an argument, so a graph replays them
+    counts[1, rows.index].add_(nbytes)
+    return out
+
+
+@embed_rows.register_fake
+def _embed_rows_fake(ids: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
+    rows = _ROWS[handle]
+    return ids.new_empty((*ids.shape, rows.width), dtype=rows.dtype)
 
 
 class _Captured(CachePolicy):
@@ -81,7 +113,8 @@ class _Captured(CachePolicy):
         self._groups = list(groups.values())
         self._group_index = {layer.index: g for g, members in enumerate(self._groups) for layer in members}
         self._slices: dict[int, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
-        self._counts = torch.zeros(len(runtime.layers), dtype=torch.int64, device=device)
+        n = len(runtime.layers)
+        self._counts = torch.zeros((2, n), dtype=torch.int64, device=device)  # [decodes, bytes] per layer
         # A static address: CUDA-graph trees must neither copy it in nor see its address change.
         torch._dynamo.mark_static_address(self._counts)
         self._handles: list[int] = []
@@ -93,9 +126,15 @@ class _Captured(CachePolicy):
                 offsets.append(offset)
                 offset += -(-layer.weight_nbytes // ALIGN_BYTES) * ALIGN_BYTES
             self.group_bytes = max(self.group_bytes, offset)
-            index = torch.tensor([layer.index for layer in members], dtype=torch.int64, device=device)
+            slots = [layer.index for layer in members] + [n + layer.index for layer in members]
+            amounts = [1] * len(members) + [layer.weight_nbytes for layer in members]
             self._handles.append(len(_GROUPS))
-            _GROUPS.append(_Group(codec.prepare_group([layer.ct for layer in members], offsets), offset, index))
+            _GROUPS.append(_Group(codec.prepare_group([layer.ct for layer in members], offsets), offset,
+                                  torch.tensor(slots, device=device), torch.tensor(amounts, device=device)))
+        self._row_handles: dict[int, int] = {}
+        for table in runtime.embedding_layers:
+            self._row_handles[table.index] = len(_ROWS)
+            _ROWS.append(_Rows(codec.prepare_rows(table.ct), table.embedding_dim, table.ct.torch_dtype, table.index))
         self._live: torch.Tensor | None = None  # the current group's buffer (traced: a value inside the graph)
         self._live_group: int | None = None
         self._triggers: frozenset[int] | None = None  # learned in the first pass
@@ -147,6 +186,13 @@ class _Captured(CachePolicy):
         self.runtime.verify_group(members, [self._view(self._live, m) for m in members])
         return self._live
 
+    def embed(self, table, ids: torch.Tensor) -> torch.Tensor:
+        """An embedding lookup through the opaque op; eagerly, the first one decodes and verifies the whole
+        table (runtime.embed, counted on the host) when verification asks for it."""
+        if not torch.compiler.is_compiling() and self.runtime.needs_verify(table):
+            return self.runtime.embed(table, ids)
+        return torch.ops.codecllm.embed_rows(ids, self._counts, self._row_handles[table.index])
+
     # -- pass boundaries (Python, between graph replays) --------------------------------------------------------
     def begin_pass(self) -> None:
         if self._triggers is None and self._first_uses:
@@ -168,8 +214,9 @@ class _Captured(CachePolicy):
         """End of a generation: read the device counters once (one sync) into the phase's exact counts."""
         self._live, self._live_group = None, None
         if self._snapshots:
-            marks = torch.stack([*self._snapshots, self._counts]).cpu()
-            self.runtime.stats.add_passes((marks[1:] - marks[:-1]).tolist(), self.runtime.layers)
+            marks = torch.stack([*self._snapshots, self._counts]).cpu()  # [passes + 1, 2, layers]
+            per_pass = marks[1:] - marks[:-1]
+            self.runtime.stats.add_passes(per_pass[:, 0].tolist(), per_pass[:, 1].tolist(), self.runtime.layers)
             self._snapshots = []
         if self._holding:
             self.runtime.stats.unhold(self.group_bytes)
@@ -179,7 +226,9 @@ class _Captured(CachePolicy):
         self.clear()
         for handle in self._handles:
             _GROUPS[handle] = None
-        self._handles = []
+        for handle in self._row_handles.values():
+            _ROWS[handle] = None
+        self._handles, self._row_handles = [], {}
 
 
 @CAPTURED_POLICIES.register("block")
@@ -227,3 +276,27 @@ class CapturedPerForwardPass(_CapturedPerLayer):
                                    f"{name} runs more than once: use cache=block or generate.compile=false")
             seen.add(index)
         return super()._learn(uses)
+
+
+@torch.library.custom_op("codecllm::opaque_embedding", mutates_args=())
+def opaque_embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.embedding(ids, weight)
+
+
+@opaque_embedding.register_fake
+def _opaque_embedding_fake(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return weight.new_empty((*ids.shape, weight.shape[1]))
+
+
+class OpaqueEmbedding(torch.nn.Module):
+    """The exactness reference for a compiled model whose embedding table is compressed: the same dense lookup
+    behind an opaque op, so Inductor fuses around it exactly as it fuses around `codecllm::embed_rows`.
+    (Inductor fuses a plain `aten.embedding` into the next RMSNorm, and that kernel rounds differently, so a
+    compressed lookup cannot be bit-identical to a plain dense one under torch.compile; against this it is.)"""
+
+    def __init__(self, embedding: torch.nn.Embedding) -> None:
+        super().__init__()
+        self.weight = embedding.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.codecllm.opaque_embedding(ids, self.weight)

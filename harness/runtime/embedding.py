@@ -36,10 +36,15 @@ class CompressedEmbedding(nn.Module):
     def weight_nbytes(self) -> int:
         return self.ct.original_nbytes
 
-    # Under torch.compile the lookup runs eagerly between graphs (one graph break at the model's start): its row
-    # decode sizes tables by the ids, which a captured graph cannot. Eagerly the decorator costs ~1 us.
-    @torch.compiler.disable
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        policy = self.runtime.policy
+        if policy is not None and policy.capturable:  # traceable: the lookup is one opaque op
+            return policy.embed(self, input)
+        return self._lookup(input)
+
+    # Never traced: the eager runtime's lookup is host logic; under torch.compile it runs between graphs.
+    @torch.compiler.disable
+    def _lookup(self, input: torch.Tensor) -> torch.Tensor:
         return self.runtime.embed(self, input)
 
     def extra_repr(self) -> str:

@@ -121,8 +121,7 @@ class CompressedRuntime:
         table, decoded, indexed and dropped. One counted decompression either way.
         The first lookup (verify=first) and every lookup (verify=always) decode the whole table, to verify it."""
         device = ids.device
-        must_verify = self.verify == "always" or (self.verify == "first" and layer.index not in self._verified)
-        if must_verify or layer.ct.payload.device != device:
+        if self.needs_verify(layer) or layer.ct.payload.device != device:
             w = self.decompress(layer, device)
             try:
                 return F.embedding(ids, w, layer.padding_idx)
@@ -135,6 +134,13 @@ class CompressedRuntime:
         self.stats.hold(decoded_nbytes)  # alive only during the lookup, but part of the peak
         self.stats.unhold(decoded_nbytes)
         return rows
+
+    def needs_verify(self, layer: CompressedLinear | CompressedEmbedding) -> bool:
+        return self.verify == "always" or (self.verify == "first" and layer.index not in self._verified)
+
+    @property
+    def embedding_layers(self) -> list[CompressedEmbedding]:
+        return [layer for layer in self.layers if isinstance(layer, CompressedEmbedding)]
 
     @property
     def linear_layers(self) -> list[CompressedLinear]:

@@ -48,19 +48,19 @@ class Stats:
             self.decompress_time_s += seconds
             self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
-    def add_passes(self, per_pass: list[list[int]], layers) -> None:
+    def add_passes(self, per_pass: list[list[int]], bytes_per_pass: list[list[int]], layers) -> None:
         """Counts read from the device after a generation of captured decodes: `per_pass[p][i]` decodes of
-        `layers[i]` in the p-th pass begun since the last reset. Their time is not measured (it is GPU time
-        inside the step); `decompress_time_s` becomes None."""
+        `layers[i]` (and `bytes_per_pass[p][i]` bytes) in the p-th pass begun since the last reset. Their time is
+        not measured (it is GPU time inside the step); `decompress_time_s` becomes None."""
         with self._lock:
             offset = len(self.decompressions_per_pass) - len(per_pass)
             if offset < 0:
                 raise RuntimeError(f"captured counts for {len(per_pass)} passes, but {len(self.decompressions_per_pass)} began")
-            for p, row in enumerate(per_pass):
-                for layer, n in zip(layers, row, strict=True):
+            for p, (row, nbytes) in enumerate(zip(per_pass, bytes_per_pass, strict=True)):
+                for layer, n, b in zip(layers, row, nbytes, strict=True):
                     if n:
                         self.decompressions_per_layer[layer.name] += n
-                        self.bytes_decompressed += n * layer.weight_nbytes
+                        self.bytes_decompressed += b
                 total = sum(row)
                 self.decompressions += total
                 self.decompressions_per_pass[offset + p] += total
