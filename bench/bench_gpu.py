@@ -4,8 +4,8 @@
 
 Every variant goes through the harness's own measurement path (Lightning Trainer.predict + the phase callbacks:
 CUDA-synchronised wall clock, median of repeats after a warm-up, peak memory reset per phase, exact counters),
-on a freshly built random-init model of the real shape (weights cannot be downloaded on the GPU machine;
-normal(0, 0.02) bf16 compresses like trained weights, see /work/shared/REFERENCE.md). Bit-exactness: token
+on a freshly built random-init model of the real shape (nothing to download;
+normal(0, 0.02) bf16 compresses like trained weights, see docs/physics.md). Bit-exactness: token
 ids and every step's logits torch.equal to the baseline's. Rows are appended to --out as JSON lines as soon as
 each is measured, and a table is printed last.
 """

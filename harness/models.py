@@ -62,7 +62,7 @@ TINY_ARCH = dict(
     tie_word_embeddings=False,
     max_position_embeddings=512,
 )
-# Real Llama-3.2-1B / Llama-3.1-8B shapes, as in the reference probe (/work/shared/reference/gpu_probe.py).
+# Real Llama-3.2-1B / Llama-3.1-8B shapes (their HF configs), the shapes of docs/physics.md's reference figures.
 SYNTHETIC_SHAPES = {
     "llama_1b": dict(
         hidden_size=2048,
