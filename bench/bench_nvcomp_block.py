@@ -5,14 +5,13 @@ whether a call returns before earlier GPU work finishes (asynchronous) or waits 
     python bench/bench_nvcomp_block.py     # needs CUDA and the [gpu] extra; table in docs/benchmarks.md
 
 Prints the card, driver and package versions first, so a recorded output names its machine."""
-import importlib.metadata
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import machine  # noqa: E402  (bench/machine.py, next to this script)
 import torch  # noqa: E402
 
 from harness.codecs import make_codec  # noqa: E402
@@ -33,25 +32,8 @@ def views(buf):
     return out
 
 
-def driver_version() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "missing"
-
-
 buf = torch.empty(sum(-(-w.numel() * 2 // 256) * 256 for w in ws), dtype=torch.uint8, device=dev)
-print(f"{torch.cuda.get_device_name()}, driver {driver_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"nvidia-nvcomp-cu13 {version('nvidia-nvcomp-cu13')}, nvidia-libnvcomp-cu13 {version('nvidia-libnvcomp-cu13')}")
+print(machine.line(machine.describe()))
 print(f"block of {total / 1e6:.1f} MB")
 print(f"{'codec':34} {'ratio':>7} {'enc s':>6} {'exact':>5} {'host us/call':>12} {'gpu ms/call':>11} {'GB/s':>6} "
       f"{'after sleep us':>14} {'1-layer host us':>15}")
