@@ -14,8 +14,12 @@ def test_smoke_run_writes_results_with_exact_counts(harness_cli, tmp_path):
     # callbacks.metrics=null: a null callback is skipped (it used to end in an AttributeError); with logger=none
     # the metrics callback has nothing to log, so the run measures the same.
     args = [*TINY, "logger=none", "compress.layers=all", "cache=per_forward_pass", "callbacks.metrics=null"]
-    proc = harness_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    # PYTHONPROFILEIMPORTTIME lists every module the run imported (on stderr): what this run does not need must
+    # stay out of start-up (W&B with logger=none, lm-eval without eval=fidelity, nvCOMP on the CPU, the reports).
+    proc = harness_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and not imported & {"wandb", "lm_eval", "nvidia.nvcomp", "harness.report"}
     assert "RESULTS SUMMARY" in proc.stdout and "outputs match" in proc.stdout
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "completed" and res["error"] is None
