@@ -4,8 +4,8 @@
 
 Every variant goes through the harness's own measurement path (Lightning Trainer.predict + the phase callbacks:
 CUDA-synchronised wall clock, median of repeats after a warm-up, peak memory reset per phase, exact counters),
-on a freshly built random-init model of the real shape (weights cannot be downloaded on the GPU machine;
-normal(0, 0.02) bf16 compresses like trained weights, see /work/shared/REFERENCE.md). Bit-exactness: token
+on a freshly built random-init model of the real shape (nothing to download;
+normal(0, 0.02) bf16 compresses like trained weights, see docs/physics.md). Bit-exactness: token
 ids and every step's logits torch.equal to the baseline's. Rows are appended to --out as JSON lines as soon as
 each is measured, and a table is printed last.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import machine  # noqa: E402  (bench/machine.py, next to this script)
 import torch  # noqa: E402
 
 from harness.codecs import make_codec  # noqa: E402
@@ -178,6 +179,10 @@ def main() -> None:
     ap.add_argument("--slow-tokens", type=int, default=None,
                     help="tokens for the CPU-decode variants and accelerate's offload (each against its own baseline)")
     args = ap.parse_args()
+    info = machine.describe()  # first line of the output: the rows below are this machine's
+    print(machine.line(info), flush=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps({"machine": info}) + "\n")
     if args.ab:
         return interleaved(args)
     rows = []

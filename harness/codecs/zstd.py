@@ -8,7 +8,7 @@ size), which measured faster than `decompress()` + copy or `multi_decompress_to_
 the three that scales with threads.
 
 Why planes: in a bf16 weight the 8 exponent bits carry ~2.7 bits of entropy while sign and mantissa are
-near-random (docs/benchmarks.md, /work/shared/REFERENCE.md). Interleaved, zstd cannot model the exponent well;
+near-random (docs/physics.md, docs/benchmarks.md). Interleaved, zstd cannot model the exponent well;
 as its own plane it compresses to ~0.36-0.40 of its size (level 1-3), and the incompressible plane is stored raw.
 """
 

@@ -80,3 +80,13 @@ class MetricsLogger(L.Callback):
         if record.runtime_stats:
             metrics[f"{phase}/decompressions"] = record.runtime_stats[-1]["decompressions"]
         trainer.logger.log_metrics(metrics, step=batch_idx)
+
+
+# What a phase cannot do without: each fills a part of the PhaseRecord that the phase result reads. Only the
+# others (MetricsLogger) may be set to null.
+REQUIRED = {
+    ForwardPassCounter: "forward-pass counts and warm-up flags",
+    GenerationTimer: "generation times",
+    CachePolicyBoundaries: "the compressed runtime's pass boundaries",
+    PhaseMemory: "memory readings",
+}

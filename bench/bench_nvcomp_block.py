@@ -1,12 +1,17 @@
-"""Probe on the device: nvCOMP's Python API (`nvcomp_ans`) against the batched C API (`nvcomp_ans_batched`)
+"""GPU codec benchmark: nvCOMP's Python API (`nvcomp_ans`) against the batched C API (`nvcomp_ans_batched`)
 on one Llama-3.2-1B block's seven weights: ratio, bit-exactness, host time per call, GPU time per call, and
-whether a call returns before earlier GPU work finishes (asynchronous) or waits for it (synchronising)."""
+whether a call returns before earlier GPU work finishes (asynchronous) or waits for it (synchronising).
+
+    python bench/bench_nvcomp_block.py     # needs CUDA and the [gpu] extra; table in docs/benchmarks.md
+
+Prints the card, driver and package versions first, so a recorded output names its machine."""
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import machine  # noqa: E402  (bench/machine.py, next to this script)
 import torch  # noqa: E402
 
 from harness.codecs import make_codec  # noqa: E402
@@ -28,13 +33,15 @@ def views(buf):
 
 
 buf = torch.empty(sum(-(-w.numel() * 2 // 256) * 256 for w in ws), dtype=torch.uint8, device=dev)
-print(f"{torch.cuda.get_device_name()}  block of {total / 1e6:.1f} MB")
+print(machine.line(machine.describe()))
+print(f"block of {total / 1e6:.1f} MB")
 print(f"{'codec':34} {'ratio':>7} {'enc s':>6} {'exact':>5} {'host us/call':>12} {'gpu ms/call':>11} {'GB/s':>6} "
       f"{'after sleep us':>14} {'1-layer host us':>15}")
-for name, kw, placement in [("nvcomp_ans", {}, "gpu"), ("nvcomp_ans_batched", {}, "gpu"),
+# Chunk sizes spelled out: the codec's default changed once (64 KiB -> 256 KiB), and a row must not depend on it.
+for name, kw, placement in [("nvcomp_ans", {}, "gpu"), ("nvcomp_ans_batched", {"chunk_bytes": 1 << 16}, "gpu"),
                             ("nvcomp_ans_batched", {"chunk_bytes": 1 << 18}, "gpu"),
                             ("nvcomp_ans_batched", {"chunk_bytes": 1 << 20}, "gpu"),
-                            ("nvcomp_ans_batched", {}, "cpu")]:
+                            ("nvcomp_ans_batched", {"chunk_bytes": 1 << 18}, "cpu")]:
     codec = make_codec(name, **kw)
     t = time.perf_counter()
     cts = [codec.encode(w) for w in ws]
@@ -79,8 +86,3 @@ for name, kw, placement in [("nvcomp_ans", {}, "gpu"), ("nvcomp_ans_batched", {}
     print(f"{label:34} {ratio:7.4f} {enc_s:6.2f} {str(exact):>5} {1e6 * statistics.median(host):12.1f} {gpu_ms:11.3f} "
           f"{total / gpu_ms / 1e6:6.0f} {1e6 * after_sleep:14.1f} {1e6 * statistics.median(one):15.1f}", flush=True)
     codec.close()
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as e:
-    print("no triton", e)
