@@ -146,10 +146,11 @@ def encode_exponents(
 
     def put(start: torch.Tensor, length: torch.Tensor, value: torch.Tensor) -> None:
         word, end = start >> 5, (start & 31) + length  # end <= 63: a code of <= 32 bits spans <= 2 words
-        head = (value << (32 - end).clamp(min=0)) >> (end - 32).clamp(min=0)
-        tail = ((value << (64 - end).clamp(max=63)) & 0xFFFFFFFF) * (end > 32)
-        words.index_add_(0, word, head)
-        words.index_add_(0, word + 1, tail)
+        # the code left-aligned at its offset in a 64-bit pair of words (the shift may set the sign bit: only
+        # the bit pattern matters; codes are disjoint, so adding them into the words never carries)
+        pair = value << (64 - end)
+        words.index_add_(0, word, (pair >> 32) & 0xFFFFFFFF)
+        words.index_add_(0, word + 1, pair & 0xFFFFFFFF)
 
     for a in range(0, n, chunk):
         put(starts[a : a + chunk], code_len[a : a + chunk], values[sym[a : a + chunk]])
