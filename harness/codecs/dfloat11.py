@@ -182,11 +182,11 @@ class DFloat11Codec(Codec):
         payload = ct.payload if ct.payload.device == device else ct.payload.to(device, non_blocking=True)
         kernel = _kernel(device.index)
         shared_mem = ct.meta["shared_mem"]
-        if shared_mem > SHARED_MEM_DEFAULT_LIMIT and kernel.max_dynamic_shared_size_bytes < shared_mem:
-            # DF11's loader never opts in; a block of highly compressible weights (> ~23k elements) needs it
-            kernel.max_dynamic_shared_size_bytes = shared_mem
         ptr = {name: self.buffer(ct, payload, name).data_ptr() for name in BUFFERS}
         with cp.cuda.Device(device.index), cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            if shared_mem > SHARED_MEM_DEFAULT_LIMIT and kernel.max_dynamic_shared_size_bytes < shared_mem:
+                # DF11's loader never opts in; a block of highly compressible weights (> ~23k elements) needs it
+                kernel.max_dynamic_shared_size_bytes = shared_mem
             kernel(
                 (ct.meta["blocks"],),
                 (fmt.THREADS_PER_BLOCK,),
