@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,8 +69,10 @@ class DFloat11Codec(Codec):
         self.decode_device = "cuda" if decoder == "cuda" or (decoder == "auto" and cupy_usable()) else "cpu"
 
     def settings(self) -> dict[str, Any]:
-        # The bytes depend on DF11's table construction (its version and dahuffman's) and launch geometry.
+        # The bytes depend on DF11's table construction (its version and dahuffman's), the launch geometry and
+        # our encoder, which lives in dfloat11_format.py (the artifact cache hashes only this module's file).
         return {
+            "encoder_xxh3": xxhash.xxh3_64_hexdigest(Path(fmt.__file__).read_bytes()),
             "dfloat11": importlib.metadata.version("dfloat11"),
             "dahuffman": importlib.metadata.version("dahuffman"),
             "bytes_per_thread": fmt.BYTES_PER_THREAD,
