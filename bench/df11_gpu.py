@@ -43,7 +43,8 @@ PATTERN = r"model\.layers\.\d+"  # DF11's pattern_dict key: one compressed unit 
 
 
 def sync_time() -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -59,7 +60,8 @@ def distinct_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def step_encode(state: dict, res: dict) -> None:
     codec = state["codec"] = make_codec("dfloat11")
-    assert codec.decode_device == "cuda", "dfloat11 would decode on the CPU: is cupy installed?"
+    if state["device"] == "cuda":
+        assert codec.decode_device == "cuda", "dfloat11 would decode on the CPU: is cupy installed?"
     weights = state["weights"] = distinct_weights(state["dense"].model)
     codec.encode(next(iter(weights.values()))[:64].contiguous())  # warm-up: CUDA kernels, dahuffman import
     start, cts, per = sync_time(), {}, {}
@@ -80,7 +82,7 @@ def step_encode(state: dict, res: dict) -> None:
 def step_exact(state: dict, res: dict) -> None:
     codec, bad = state["codec"], []
     for name, ct in state["cts"].items():
-        ct.payload = ct.payload.cuda()  # placement=gpu: the kernel reads the bytes in VRAM
+        ct.payload = ct.payload.to(state["device"])  # placement=gpu: the kernel reads the bytes in VRAM
         w = state["weights"][name]
         if not torch.equal(codec.decode(ct).view(torch.int16), w.view(torch.int16)):
             bad.append(name)
@@ -92,18 +94,15 @@ def step_speed(state: dict, res: dict, repeats: int = 20) -> None:
     n_layers = state["dense"].model.config.num_hidden_layers
     for i in range(n_layers):
         names = [f"model.layers.{i}.{s}" for s in BLOCK_LINEARS]
-        outs = [torch.empty(cts[n].shape, dtype=torch.bfloat16, device="cuda") for n in names]
+        outs = [torch.empty(cts[n].shape, dtype=torch.bfloat16, device=state["device"]) for n in names]
         for n, o in zip(names, outs):
             codec.decode(cts[n], out=o)
         times = []
         for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+            t0 = sync_time()  # one sync per pass of 7 kernels: the launches queue back to back in between
             for n, o in zip(names, outs):
                 codec.decode(cts[n], out=o)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
+            times.append(sync_time() - t0)
         nbytes = sum(o.numel() * 2 for o in outs)
         blocks.append({"block": i, "mb": nbytes / 1e6, "median_ms": statistics.median(times) * 1e3,
                        "gb_per_s": nbytes / statistics.median(times) / 1e9})  # fmt: skip
@@ -131,15 +130,34 @@ def df11_file(model: torch.nn.Module, path: Path) -> dict:
     return {"file_gb": path.stat().st_size / 1e9, "n_luts": n_luts}
 
 
+def import_dfloat11(res: dict):
+    """DF11's package module (it imports cupy and loads its kernel at import). It also imports pkg_resources for one
+    resource_filename call; setuptools >= 81 no longer ships pkg_resources, so then a stand-in that returns the
+    same path is registered (recorded in the JSON)."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import importlib.util
+        import types
+
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = lambda pkg, name: str(Path(importlib.util.find_spec(pkg).origin).parent / name)
+        sys.modules["pkg_resources"] = shim
+        res["pkg_resources_shim"] = True
+    from dfloat11 import DFloat11Model
+
+    return DFloat11Model
+
+
 def step_runtime(state: dict, res: dict, rounds: int = 3, tokens: int = 32) -> None:
-    from dfloat11 import DFloat11Model  # imports cupy and loads DF11's kernel
+    DFloat11Model = import_dfloat11(res)  # noqa: N806 (a class)
 
     dense = state["dense"]
     model = copy.deepcopy(dense.model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
         res.update(df11_file(model, path))
-        model = DFloat11Model.from_single_file(str(path), {PATTERN: BLOCK_LINEARS}, model, device="cuda")
+        model = DFloat11Model.from_single_file(str(path), {PATTERN: BLOCK_LINEARS}, model, device=state["device"])
     model.eval()
     prompts = ["The capital of France is"]
     runs = {"dense": dense.model, "dfloat11": model}
@@ -155,13 +173,17 @@ def step_runtime(state: dict, res: dict, rounds: int = 3, tokens: int = 32) -> N
     res["tok_per_s"] = {k: tokens / min(v) for k, v in times.items()}
     res["seconds"] = times
     res["speed_vs_dense"] = res["tok_per_s"]["dfloat11"] / res["tok_per_s"]["dense"]
-    res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if torch.cuda.is_available():
+        res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the 1B shape's 16)")
+    ap.add_argument("--vocab-size", type=int, default=None, help="(default: the 1B shape's 128256)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (CPU reference decoder)")
+    ap.add_argument("--repeats", type=int, default=20, help="decode passes per block in the speed step")
     args = ap.parse_args()
     report: dict = {"versions": {}, "steps": {}}
     for dist in ("torch", "dfloat11", "dahuffman", "cupy", "cupy-cuda12x", "cupy-cuda13x"):
@@ -182,9 +204,13 @@ def main() -> None:
         start = time.perf_counter()
         try:
             if fn is None:
-                report["device"] = torch.cuda.get_device_name()
-                cfg = {"kind": "synthetic", "shape": "llama_1b", "seed": 0, "num_hidden_layers": args.layers}
-                state["dense"] = load_model(cfg, "cuda")
+                state["device"] = args.device
+                report["device"] = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+                cfg = {"kind": "synthetic", "shape": "llama_1b", "seed": 0, "num_hidden_layers": args.layers,
+                       "vocab_size": args.vocab_size}  # fmt: skip
+                state["dense"] = load_model(cfg, args.device)
+            elif fn is step_speed:
+                fn(state, res, repeats=args.repeats)
             else:
                 fn(state, res)
             res["ok"] = True
