@@ -4,8 +4,9 @@ The payload holds DF11's exact buffers back to back, each 16-byte aligned (the k
 uint32): luts | encoded_exponent | sign_mantissa | output_positions | gaps. `meta` gives each one's offset and
 size, plus the launch's shared memory. Encoding is `dfloat11_format.encode_exponents` (vectorised, on the tensor's
 device); decoding launches `decode` from the package's decode.ptx through cupy with DF11's grid, block and shared
-memory (its loader's `decode_hook`), on torch's current stream. Without CUDA or cupy the codec decodes on the CPU
-with the numpy reference decoder (slow: for tests and CPU-only runs, not for speed).
+memory (its loader's `decode_hook`), on torch's current stream. On a machine without CUDA the codec decodes on
+the CPU with the numpy reference decoder (slow: for tests and CPU-only runs, not for speed); with CUDA but no
+cupy it refuses to start (`decoder=cpu` forces the reference decoder).
 
 Integrity: the CPU decoder checks an xxh3 of the payload on every decode. The GPU decoder checks nothing itself
 (hashing on the host would cost more than the decode); the runtime's checksum of the first decode covers it.
@@ -64,9 +65,14 @@ class DFloat11Codec(Codec):
         if decoder not in ("auto", "cuda", "cpu"):
             raise HarnessError(f"dfloat11: decoder={decoder!r} is invalid; valid: auto, cuda, cpu")
         fmt.df11_utils()  # a missing dfloat11/dahuffman fails here, with the pip command
+        if decoder == "auto":  # the GPU kernel wherever there is a GPU: a silent CPU fallback would be ~1000x slower
+            decoder = "cuda" if torch.cuda.is_available() else "cpu"
         if decoder == "cuda" and not cupy_usable():
-            raise HarnessError("dfloat11: decoder=cuda needs CUDA and cupy (pip install cupy-cuda12x or cupy-cuda13x)")
-        self.decode_device = "cuda" if decoder == "cuda" or (decoder == "auto" and cupy_usable()) else "cpu"
+            raise HarnessError(
+                "codec dfloat11 decodes on the GPU through cupy, which is missing or has no CUDA: "
+                "pip install cupy-cuda12x (or cupy-cuda13x, matching your CUDA)"
+            )
+        self.decode_device = decoder
 
     def settings(self) -> dict[str, Any]:
         # The bytes depend on DF11's table construction (its version and dahuffman's), the launch geometry and
