@@ -124,7 +124,8 @@ def encode_exponents(
     exponent: torch.Tensor, table: dict, chunk: int = 1 << 24
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DF11's `encode(data, codec, 8, 512)` of these exponent bytes: (encoded, gaps, output_positions), computed on
-    the exponents' device. `chunk` bounds the temporaries (~50 bytes per element)."""
+    the exponents' device. Holds ~30 bytes per element (symbols, lengths, starts: int64); `chunk` bounds the
+    packing's temporaries on top."""
     device, n = exponent.device, exponent.numel()
     eof_bits, eof_value = next(code for key, code in table.items() if not isinstance(key, int))
     lens = torch.zeros(256, dtype=torch.int64)
@@ -159,10 +160,12 @@ def encode_exponents(
     encoded = ((words[:, None] >> shifts) & 0xFF).to(torch.uint8).view(-1)[:n_bytes]
 
     # gaps: one per 64-bit window in which a code starts (codes are <= 32 bits, so no window is skipped) ...
-    window_firsts = _firsts(starts >> 6)
+    window_firsts = _firsts(starts >> 6)  # >> 6: / WINDOW_BITS
+    if window_firsts.numel() != int(starts[-1] >> 6) + 1:
+        raise RuntimeError("dfloat11: a 64-bit window holds no code start; the code table has codes over 32 bits")
     gaps = starts[window_firsts] & (WINDOW_BITS - 1)
     # ... output_positions: the first element of every block in which a code starts, then the element count.
-    positions = _firsts(starts >> 15)
+    positions = _firsts(starts >> 15)  # >> 15: / BLOCK_BITS
     # DF11 checks the end of the stream once more when it ends mid-byte, as if a code started there.
     if total % 8:
         if total // WINDOW_BITS + 1 > gaps.numel():
