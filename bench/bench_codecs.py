@@ -139,7 +139,9 @@ def main() -> None:
     ap.add_argument("--random-elems", type=int, default=1 << 22, help="random only: elements per tensor")
     ap.add_argument("--codecs", default="zstd,zstd_grouped")
     ap.add_argument("--levels", default="1,3")
-    ap.add_argument("--chunk-bytes", default="default", help="comma list; 0 = one frame per tensor; default = each codec's")
+    ap.add_argument(
+        "--chunk-bytes", default="default", help="comma list; 0 = one frame per tensor; default = each codec's"
+    )
     ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, os.cpu_count() or 1})))
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
