@@ -247,4 +247,3 @@ def test_compressed_embedding_rows_decode_bit_exact_on_cuda(policy, options):
     assert runtime.stats.decompressions_per_layer["model.embed_tokens"] == 5
     assert calls == [2, 2, 2, 2]  # the prefill verified the whole table; then 2 rows (one per sequence) a step
     runtime.close()
-
