@@ -113,13 +113,14 @@ def df11_file(model: torch.nn.Module, path: Path) -> dict:
     """DF11's per-block buffers (as its compress_model stores them) from our vectorised encoder, in a safetensors file."""
     from safetensors.torch import save_file
 
-    tensors, n_luts = {}, []
+    tensors, n_luts, original = {}, [], 0
     for i, layer in enumerate(model.model.layers):
         weights = [layer.get_submodule(s).weight.detach().view(-1) for s in BLOCK_LINEARS]
         exponent, sign_mantissa = fmt.split_bf16(torch.cat(weights))
         table, luts = fmt.build_tables(exponent)
         encoded, gaps, positions = fmt.encode_exponents(exponent, table)
         sizes = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
+        original += 2 * int(sizes.sum())
         prefix = f"model.layers.{i}"
         for key, value in {"luts": luts, "encoded_exponent": encoded, "sign_mantissa": sign_mantissa,
                            "output_positions": positions.view(torch.uint8), "gaps": gaps,
@@ -127,7 +128,8 @@ def df11_file(model: torch.nn.Module, path: Path) -> dict:
             tensors[f"{prefix}.{key}"] = value.contiguous().cpu()
         n_luts.append(int(luts.shape[0]))
     save_file(tensors, str(path))
-    return {"file_gb": path.stat().st_size / 1e9, "n_luts": n_luts}
+    compressed = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"file_gb": path.stat().st_size / 1e9, "per_block_ratio": original / compressed, "n_luts": n_luts}
 
 
 def import_dfloat11(res: dict):
