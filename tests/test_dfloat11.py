@@ -40,7 +40,10 @@ def df11_reference(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         _, counter = utils.get_codec(t)
         codec, _, table = utils.get_32bit_codec(counter)
-        luts = utils.get_luts(table)
+        try:
+            luts = utils.get_luts(table)
+        except UnboundLocalError:  # DF11's get_luts fails when EOF has the all-zero code (see below)
+            luts = None
         encoded, gaps, positions = utils.encode(fmt.split_bf16(t)[0].tolist(), codec, 8, 512)
     return encoded, gaps, positions, luts
 
@@ -55,7 +58,11 @@ CASES = {
     "normal_70001": lambda: bf16_weights(70_001),  # several kernel blocks, ends mid-byte or not
     "normal_4096": lambda: bf16_weights(4096, seed=1),
     "wide_std": lambda: bf16_weights(50_000, seed=2, std=30.0),  # many exponents: longer codes, chained LUTs
-    "two_values": lambda: torch.tensor([0.5, 1.0] * 30_000, dtype=torch.bfloat16),  # 1-bit codes: dense blocks
+    "two_values": lambda: torch.tensor([0.5, 1.0] * 30_000, dtype=torch.bfloat16),  # 1-2 bit codes: dense blocks
+    # 95% one value: ~31k elements per kernel block, 64 KB of shared memory (more than DF11's loader allows)
+    "skewed": lambda: torch.where(
+        torch.rand(100_000, generator=torch.Generator().manual_seed(4)) < 0.05, 1.0, 0.5
+    ).bfloat16(),
     "specials": lambda: torch.cat([bf16_weights(20_000, seed=3), special_bf16()]),
 }
 
@@ -70,14 +77,18 @@ def test_vectorised_encoder_gives_df11_bytes(case):
     assert np.array_equal(encoded.numpy(), ref_encoded)
     assert np.array_equal(gaps.numpy(), ref_gaps)
     assert np.array_equal(positions.numpy().astype(np.uint32), ref_positions)
-    assert torch.equal(luts, ref_luts)
+    if ref_luts is None:  # DF11 cannot build these LUTs; ours decode (test_round_trip_bitwise)
+        assert case == "skewed"
+    else:
+        assert torch.equal(luts, ref_luts)
 
 
 def test_tables_where_df11_get_luts_fails():
     """One element: EOF gets the all-zero 1-bit code and DF11's get_luts raises; our tables still decode."""
     t = torch.tensor([0.25], dtype=torch.bfloat16)
+    utils = fmt.df11_utils()
     with pytest.raises(UnboundLocalError), contextlib.redirect_stdout(io.StringIO()):
-        df11_reference(t)
+        utils.get_luts(utils.get_32bit_codec(utils.get_codec(t)[1])[2])
     codec = make_codec("dfloat11", decoder="cpu")
     assert torch.equal(codec.decode(codec.encode(t)).view(torch.int16), t.view(torch.int16))
 
