@@ -2,15 +2,20 @@
 
     python bench/bench_codecs.py --model smollm2 --threads 1,2
     python bench/bench_codecs.py --model random --levels 1,3
+    python bench/bench_codecs.py --codecs zstd_grouped,zipnn,dfloat11   # the peers (docs/benchmarks.md)
 
 Ratio is over all tensors together (sum of original bytes / sum of compressed bytes). Encode is one pass per
 thread count; decode is the median of --repeats passes over all tensors after one warm-up pass, each tensor
 decoded into a preallocated output (as the runtime's staging buffers do). GB = 1e9 bytes of *original* weight.
+Levels apply to the zstd codecs only; --chunk-bytes to zstd and zipnn (default: each codec's own, 1 MiB for
+zstd, 256 KiB for zipnn; 0 = one frame per tensor). dfloat11 is timed for encoding only (its vectorised torch
+encoder, on torch's intra-op threads): it decodes on the GPU (bench/df11_gpu.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -18,6 +23,7 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,20 +77,36 @@ def random_weights(n_tensors: int, elems: int, dtype: torch.dtype) -> list[torch
     return [(torch.randn(elems, generator=g) * 0.02).to(dtype) for _ in range(n_tensors)]
 
 
-def bench(
-    weights: list[torch.Tensor], codec: str, level: int, chunk_bytes: int, threads: list[int], repeats: int
-) -> dict:
+def codec_kwargs(codec: str, level: int | None, threads: int, chunk_bytes: int | None, whole: int) -> dict:
+    """A codec's settings; chunk_bytes None = the codec's own default, 0 = one frame per tensor (zstd)."""
+    if codec == "dfloat11":  # no settings; runs on torch's intra-op threads (set per thread count below)
+        return {}
+    kwargs = {"threads": threads} if codec == "zipnn" else {"level": level, "threads": threads}
+    if chunk_bytes is not None:
+        kwargs["chunk_bytes"] = chunk_bytes or whole
+    return kwargs
+
+
+def bench(weights: list[torch.Tensor], codec: str, kwargs_for, threads: list[int], repeats: int) -> dict:
     original_bytes = sum(w.numel() * w.element_size() for w in weights)
     row: dict = {"encode": {}, "decode": {}}
+    torch_threads = torch.get_num_threads()
     for t in threads:
-        c = make_codec(codec, level=level, threads=t, chunk_bytes=chunk_bytes)
+        c = make_codec(codec, **kwargs_for(t))
+        torch.set_num_threads(t)
         start = time.perf_counter()
         cts = [c.encode(w) for w in weights]
         row["encode"][t] = original_bytes / (time.perf_counter() - start) / 1e9
+        torch.set_num_threads(torch_threads)
     row["ratio"] = original_bytes / sum(ct.compressed_nbytes for ct in cts)
+    if codec == "dfloat11":  # GPU decoder; its CPU decoder is a slow reference: check a sample only
+        c = make_codec(codec, decoder="cpu")
+        for w, ct in list(zip(weights, cts, strict=True))[:: max(1, len(weights) // 4)]:
+            assert torch.equal(w.view(torch.int16), c.decode(ct).view(torch.int16))
+        return row
     outs = [torch.empty_like(w) for w in weights]
     for t in threads:
-        c = make_codec(codec, level=level, threads=t, chunk_bytes=chunk_bytes)
+        c = make_codec(codec, **kwargs_for(t))
         for ct, out in zip(cts, outs, strict=True):  # warm-up: thread pools, scratch buffers, page faults
             c.decode(ct, out=out)
         times_s = []
@@ -99,6 +121,16 @@ def bench(
     return row
 
 
+def versions() -> str:
+    found = []
+    for dist in ("zipnn", "dfloat11", "dahuffman"):
+        try:
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
@@ -107,7 +139,9 @@ def main() -> None:
     ap.add_argument("--random-elems", type=int, default=1 << 22, help="random only: elements per tensor")
     ap.add_argument("--codecs", default="zstd,zstd_grouped")
     ap.add_argument("--levels", default="1,3")
-    ap.add_argument("--chunk-bytes", default=str(1 << 20), help="comma list; 0 = one frame per tensor")
+    ap.add_argument(
+        "--chunk-bytes", default="default", help="comma list; 0 = one frame per tensor; default = each codec's"
+    )
     ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, os.cpu_count() or 1})))
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -125,7 +159,7 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}")
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, zstandard {zstandard.__version__} "
-        f"(zstd {'.'.join(map(str, zstandard.ZSTD_VERSION))})"
+        f"(zstd {'.'.join(map(str, zstandard.ZSTD_VERSION))}), {versions()}"
     )
     print(f"weights: {what}, {original_bytes / 1e6:.1f} MB")
     print(f"command: python {' '.join(sys.argv)}")
@@ -135,13 +169,19 @@ def main() -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     start_s, busy_start_s, own_start_s = time.perf_counter(), busy_cpu_s(), own_cpu_s()
+    whole = max(w.numel() * w.element_size() for w in weights)
     for codec in args.codecs.split(","):
-        for level in (int(x) for x in args.levels.split(",")):
-            for chunk in (int(x) for x in args.chunk_bytes.split(",")):
-                whole = max(w.numel() * w.element_size() for w in weights)
-                r = bench(weights, codec, level, chunk or whole, threads, args.repeats)
-                cells = [codec, str(level), f"{chunk >> 10} KiB" if chunk else "tensor", f"{r['ratio']:.4f}"]
-                cells += [f"{r['encode'][t]:.3f}" for t in threads] + [f"{r['decode'][t]:.3f}" for t in threads]
+        levels = [int(x) for x in args.levels.split(",")] if codec.startswith("zstd") else [None]
+        for level in levels:
+            for chunk in (None if x == "default" else int(x) for x in args.chunk_bytes.split(",")):
+                kwargs_for = partial(codec_kwargs, codec, level, chunk_bytes=chunk, whole=whole)
+                r = bench(weights, codec, kwargs_for, threads, args.repeats)
+                if chunk is None:  # the codec's default
+                    chunk = {"zipnn": 256 << 10, "dfloat11": None}.get(codec, 1 << 20)
+                label = "-" if chunk is None else f"{chunk >> 10} KiB" if chunk else "tensor"
+                cells = [codec, "-" if level is None else str(level), label]
+                cells += [f"{r['ratio']:.4f}"] + [f"{r['encode'][t]:.3f}" for t in threads]
+                cells += [f"{r['decode'][t]:.3f}" if t in r["decode"] else "GPU" for t in threads]
                 print("| " + " | ".join(cells) + " |", flush=True)
     # Threaded numbers only mean something if the other cores were free: say how much other processes took.
     if busy_start_s is not None:

@@ -49,6 +49,69 @@ def test_nvcomp_is_bit_exact_on_cuda(codec, placement, policy, options):
     runtime.close()
 
 
+# -- dfloat11: decoded by DF11's own CUDA kernel (its decode.ptx, launched through cupy) ------------------------------
+import importlib.util  # noqa: E402
+
+dfloat11_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("cupy") and importlib.util.find_spec("dfloat11")),
+    reason="needs CUDA, cupy and dfloat11",
+)
+
+
+def _df11_case(case: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "normal": lambda: (torch.randn(3_000_001, generator=g) * 0.02).bfloat16(),
+        "wide": lambda: (torch.randn(100_000, generator=g) * 30).bfloat16(),  # long codes, chained LUTs
+        # 95% one value (1-bit codes): ~31k elements per kernel block, 64 KB of shared memory (past the 48 KB default)
+        "skewed": lambda: torch.where(torch.rand(100_000, generator=g) < 0.05, 1.0, 0.5).bfloat16(),
+        "tiny": lambda: torch.tensor([0.25], dtype=torch.bfloat16),
+    }[case]().reshape(-1, 1)
+
+
+@pytest.mark.gpu
+@dfloat11_cuda
+@pytest.mark.parametrize("case", ["normal", "wide", "skewed", "tiny"])
+@pytest.mark.parametrize("placement", ["cpu", "gpu"])
+def test_dfloat11_kernel_is_bit_exact(case, placement):
+    t = _df11_case(case)
+    codec = make_codec("dfloat11")
+    if case == "skewed":
+        assert codec.encode(t).meta["shared_mem"] > 48 * 1024  # the case must exercise the opt-in
+    assert codec.decode_device == "cuda"
+    ct = codec.encode(t)
+    on_gpu = codec.encode(t.cuda())  # the vectorised encoder on the GPU gives the same bytes
+    assert torch.equal(on_gpu.payload.cpu(), ct.payload) and on_gpu.meta == ct.meta
+    assert torch.equal(codec.decode_cpu(ct).view(torch.int16), t.view(torch.int16))  # the reference agrees
+    if placement == "gpu":
+        ct.payload = ct.payload.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the kernel runs on torch's current stream, not cupy's default one
+        out = torch.full(t.shape, 7.0, dtype=torch.bfloat16, device="cuda")
+        got = codec.decode(ct, out=out)
+        again = codec.decode(ct)
+    side.synchronize()
+    assert got is out
+    assert torch.equal(out.cpu().view(torch.int16), t.view(torch.int16))
+    assert torch.equal(again.cpu().view(torch.int16), t.view(torch.int16))
+
+
+@pytest.mark.gpu
+@dfloat11_cuda
+@pytest.mark.parametrize("placement,policy", [("gpu", "none"), ("gpu", "block"), ("cpu", "block")])
+def test_dfloat11_generation_is_bit_exact_on_cuda(placement, policy):
+    loaded = tiny_llama(seed=0, device="cuda")
+    prompts = ["The capital of France is", "Lossless"]
+    ref = greedy_generate(loaded.model, loaded.tokenizer, prompts, 5, 5)
+    model = copy.deepcopy(loaded.model)
+    runtime = compress_model(model, make_codec("dfloat11"), policy=policy, placement=placement, layers="all", progress=False)
+    out = greedy_generate(model, loaded.tokenizer, prompts, 5, 5)
+    runtime.end_generation()
+    assert torch.equal(out.logits, ref.logits) and out.new_token_ids == ref.new_token_ids
+    runtime.close()
+
+
 # -- nvcomp_ans_batched: the chunk layout is plain Python, checked without a GPU ------------------------------------
 from harness.codecs.base import CompressedTensor  # noqa: E402
 from harness.codecs.nvcomp_layout import (  # noqa: E402
