@@ -36,17 +36,19 @@ class Packed:
     signman: torch.Tensor
     code2: torch.Tensor
     code1: torch.Tensor
-    esc: torch.Tensor
-    esc_off: torch.Tensor
+    esc: torch.Tensor  # [n_esc] int16: (true exponent << 8) | (k % tk), ordered (row, k)
+    esc_row: torch.Tensor  # [Np] int32: index in esc of row r's first escape
+    esc_blk: torch.Tensor  # [Np, Kp/tk + 1] int16: escapes of row r before k block kb (last column: row total)
     base: int
     shape: tuple[int, int]
     tk: int
 
+    FIELDS = ("signman", "code2", "code1", "esc", "esc_row", "esc_blk")
+
     @property
     def nbytes(self) -> int:
-        """Exact stored size, padding included (one dummy escape byte when there are none is counted too)."""
-        tensors = (self.signman, self.code2, self.code1, self.esc, self.esc_off)
-        return HEADER_BYTES + sum(t.numel() * t.element_size() for t in tensors)
+        """Exact stored size, padding included (one dummy escape entry when there are none is counted too)."""
+        return HEADER_BYTES + sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self.FIELDS)
 
     @property
     def dense_nbytes(self) -> int:
@@ -57,7 +59,7 @@ class Packed:
         return self.dense_nbytes / self.nbytes
 
     def to(self, device: torch.device | str) -> Packed:
-        move = {f: getattr(self, f).to(device) for f in ("signman", "code2", "code1", "esc", "esc_off")}
+        move = {f: getattr(self, f).to(device) for f in self.FIELDS}
         return Packed(**move, base=self.base, shape=self.shape, tk=self.tk)
 
     @property
@@ -84,21 +86,23 @@ def best_window(hist: torch.Tensor, width: int = ESCAPE) -> int:
 
 
 def choose_tk(k: int) -> int:
-    """The k block wasting the least padding, the larger on ties: K=4096 -> 512, but K=576 (SmolLM2) -> 64, where
-    512 would pad the row to 1024 and cost more than the code saves."""
-    return min((512, 256, 128, 64), key=lambda t: (_round_up(max(k, 1), t), -t))
+    """The k block wasting the least padding, the larger on ties: K=4096 -> 256, but K=576 (SmolLM2) -> 64, where
+    256 would pad the row to 768. At most 256: an escape stores its position in the block in 8 bits."""
+    return min((256, 128, 64), key=lambda t: (_round_up(max(k, 1), t), -t))
 
 
 def encode(w: torch.Tensor, tk: int | None = None) -> Packed:
     """Pack a 2-D bf16 tensor; runs on w's device (GPU: an 8B model in seconds; CPU: fine for tests).
-    tk: the k block (the kernel's BLOCK_K); None picks it from K (choose_tk)."""
+    tk: the k block (the kernel's BLOCK_K, 64/128/256); None picks it from K (choose_tk)."""
     if w.dtype != torch.bfloat16 or w.dim() != 2:
         raise ValueError(f"encode wants a 2-D bfloat16 tensor, got {w.dtype} {tuple(w.shape)}")
     tk = choose_tk(w.shape[1]) if tk is None else tk
-    if tk % 64 or tk <= 0:
-        raise ValueError(f"tk={tk} must be a positive multiple of 64")
+    if tk not in (64, 128, 256):
+        raise ValueError(f"tk={tk} must be 64, 128 or 256")
     n, k = w.shape
     np_, kp = _round_up(max(n, 1), ROW_GROUP), _round_up(max(k, 1), tk)
+    if kp > 32767:
+        raise ValueError(f"K={k} too large for the int16 per-row escape prefixes")
     base = best_window(exponent_histogram(w)) if w.numel() else 127
 
     bits = w.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
@@ -119,16 +123,30 @@ def encode(w: torch.Tensor, tk: int | None = None) -> Packed:
     for i in range(8):
         code1 |= highs[..., i] << i
 
-    # Escape order (k block, row, k): permute to [KB, Np, tk] and let boolean indexing walk it row-major.
+    # Escapes in row-major (row, k) order: entry = exponent << 8 | position in its k block; per-row start indices
+    # and per-(row, k block) prefixes let a program find the escapes of any (row, k block) without a scan.
+    is_esc = code == ESCAPE
+    kpos = torch.arange(kp, device=w.device, dtype=torch.int32).expand(np_, kp)
+    ent = (exp[is_esc].to(torch.int32) << 8) | (kpos[is_esc] % tk)
+    esc = ent.to(torch.int16)  # wraps exponents >= 128 to negative int16; the kernel masks with 0xFFFF
     kb = kp // tk
-    is_esc = (code == ESCAPE).view(np_, kb, tk).transpose(0, 1)
-    esc = exp.view(np_, kb, tk).transpose(0, 1)[is_esc].to(torch.uint8)
-    counts = is_esc.reshape(kb, np_ // ROW_GROUP, ROW_GROUP * tk).sum(-1, dtype=torch.int64).flatten()
-    esc_off = (counts.cumsum(0) - counts).to(torch.int32).view(kb, np_ // ROW_GROUP)
+    per_blk = is_esc.view(np_, kb, tk).sum(-1, dtype=torch.int32)
+    blk = torch.zeros(np_, kb + 1, dtype=torch.int32, device=w.device)
+    blk[:, 1:] = per_blk.cumsum(1)
+    row_tot = blk[:, -1].to(torch.int64)
+    esc_row = (row_tot.cumsum(0) - row_tot).to(torch.int32)
     if esc.numel() == 0:
-        esc = torch.zeros(1, dtype=torch.uint8, device=w.device)  # a kernel pointer must point somewhere
+        esc = torch.zeros(1, dtype=torch.int16, device=w.device)  # a kernel pointer must point somewhere
     return Packed(
-        signman.contiguous(), code2.contiguous(), code1.contiguous(), esc, esc_off.contiguous(), base, (n, k), tk
+        signman.contiguous(),
+        code2.contiguous(),
+        code1.contiguous(),
+        esc.contiguous(),
+        esc_row.contiguous(),
+        blk.to(torch.int16).contiguous(),
+        base,
+        (n, k),
+        tk,
     )
 
 
@@ -142,22 +160,36 @@ def unpack_codes(p: Packed) -> torch.Tensor:
     return lo.reshape(np_, kp) | (hi.reshape(np_, kp) << 2)
 
 
-def decode(p: Packed) -> torch.Tensor:
-    """Pure-torch reference decode to the original bf16 [N, K] tensor (CPU or GPU)."""
+def escape_positions(p: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, k, exponent) of every escape, from the side tables alone (the kernel's view), as int64/int32."""
     np_, kp = p.signman.shape
+    kb = kp // p.tk
+    blk = p.esc_blk.to(torch.int64) & 0xFFFF
+    n_esc = int(blk[:, -1].sum())
+    per_blk = (blk[:, 1:] - blk[:, :-1]).flatten()  # [Np * kb], row-major = the stream order
+    cell = torch.repeat_interleave(torch.arange(np_ * kb, device=p.device), per_blk)
+    ent = p.esc[:n_esc].to(torch.int32) & 0xFFFF
+    rows, kblk = cell // kb, cell % kb
+    return rows, kblk * p.tk + (ent & 0xFF).to(torch.int64), ent >> 8
+
+
+def decode(p: Packed) -> torch.Tensor:
+    """Pure-torch reference decode to the original bf16 [N, K] tensor (CPU or GPU). Escapes are patched at the
+    positions the side tables give (as the kernel does), and those must be exactly the code-7 positions."""
     n, k = p.shape
     code = unpack_codes(p)
-    is_esc = code == ESCAPE
     exp = code.to(torch.int32) + p.base
-    kb = kp // p.tk
-    n_esc = int(is_esc.sum())
-    exp_t = exp.view(np_, kb, p.tk).transpose(0, 1)  # a view: writing through it patches exp
-    exp_t[is_esc.view(np_, kb, p.tk).transpose(0, 1)] = p.esc[:n_esc].to(torch.int32)
+    rows, ks, ex = escape_positions(p)
+    mark = torch.zeros_like(code, dtype=torch.bool)
+    mark[rows, ks] = True
+    if not torch.equal(mark, code == ESCAPE) or int(mark.sum()) != rows.numel():
+        raise ValueError("escape side tables disagree with the code plane")
+    exp[rows, ks] = ex
     sm = p.signman.to(torch.int32)
     bits = ((sm & 0x80) << 8) | (exp << 7) | (sm & 0x7F)
     return bits[:n, :k].to(torch.int16).view(torch.bfloat16).contiguous()
 
 
 def escape_count(p: Packed) -> int:
-    """Escapes in the tensor (esc holds one dummy byte when there are none)."""
+    """Escapes in the tensor (esc holds one dummy entry when there are none)."""
     return int((unpack_codes(p) == ESCAPE).sum())

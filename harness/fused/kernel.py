@@ -1,22 +1,22 @@
-"""Triton kernels for y = x @ W.T with W stored in the exp3 format, decoded in registers inside the matmul.
+"""Triton GEMV kernel for y = x @ W.T (x: M <= 8 tokens) with W in the exp3 v2 format, decoded in registers.
 
-One program owns BLOCK_N output rows (and, with split-K, a slice of the k blocks). Per k block it loads the
-compressed tile (signman [BLOCK_N, tk] bytes, code2 [BLOCK_N, tk/4], code1 [BLOCK_N, tk/8], 16-byte vector loads of
-row segments), rebuilds the bf16 tile in registers, patches escapes inline (one offset per tile + an in-tile prefix
-sum gives each escape its index in the side stream) and feeds it to tl.dot. The dense tile never touches global
-memory, so HBM traffic is the compressed bytes plus x.
-
-The reference variant is the same kernel with the decode replaced by a plain bf16 load (FUSED=False): same tile
-shapes, same tl.dot sequence, same split and reduction order. Bit-identical outputs between the two prove that the
-decoded tiles equal the original weights and that any difference from cuBLAS is arithmetic (reduction order), not
-compression.
-
-tl.dot is used even for one token (x padded to 16 columns): the tensor cores have ample spare throughput at batch 1,
-and a dot's accumulation order does not depend on the register layout of its inputs, whereas an elementwise
-multiply + tl.sum reduces in a layout-dependent order that could differ between the two variants.
-
-Split-K is deterministic: partials go to an fp32 workspace [split, M, N] and a second kernel adds them in a fixed
-order (no atomics).
+v2 design (docs/fused.md says why v1 was slow and inexact):
+- No tl.dot. A program owns BLOCK_N rows and a range of k blocks (split-K). Per k block it decodes the
+  [BLOCK_N, tk] tile elementwise, viewed as [BLOCK_N, tk/16, 16] so each thread owns whole 16-weight groups: one
+  16-byte signman vector, one int32 word of code2 (16 x 2 bits), one int16 word of code1 (16 x 1 bit); the bit
+  positions are compile-time constants per register (no joins, reshapes, scans or gathers in the hot loop).
+- Escapes (code 7) decode to +0 in the tile. Their true values are added separately: each (row, k block) has its
+  escapes in a contiguous run of int16 entries (exponent << 8 | position), found from two small tables; a
+  [BLOCK_N, E] tile of entries is loaded per k block (a short loop covers rows with more than E escapes).
+- Accumulation is elementwise in fp32: acc[m, n, g, j] += x[m, k] * w[n, k] (bf16 x bf16 is exact in fp32, so FMA
+  or mul+add give the same bits), and the escape products go to accE[m, n, e] the same way. Only at the end the
+  k axis is summed by a FIXED pairwise tree (tl.sum over axes of size 2: a + b is commutative, so the result does
+  not depend on how the compiler lays the tensor out over threads), then main + escapes.
+- The exactness reference (FUSED=False) is the same @triton.jit function with only the weight source changed: it
+  loads raw bf16 W, zeroes the weights whose exponent is outside [base, base+6] and takes the escape values from
+  raw W at the side tables' positions. Every arithmetic op after the load is the same code, and the order of every
+  fp32 addition is fixed by index, not by layout, so fused == reference bit for bit iff the decode is exact.
+- Split-K is deterministic: fp32 partials [split, M, N] summed in a fixed order by a second kernel.
 """
 
 from __future__ import annotations
@@ -28,69 +28,31 @@ import torch
 import triton
 import triton.language as tl
 
-from harness.fused.format import ROW_GROUP, Packed
+from harness.fused.format import Packed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_M = 16  # tl.dot needs >= 16 on every side; rows of x beyond M load as zeros
+MAX_BLOCK_M = 8  # tokens per program; more tokens -> more programs along grid axis 2
 
 
 @triton.jit
-def _decoded_tile(
-    sm_ptr,
-    c2_ptr,
-    c1_ptr,
-    esc_ptr,
-    off_ptr,
-    rows,
-    kb,
-    pid_n,
-    Np,
-    Kp,
-    NG,
-    base,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    rmask = (rows < Np)[:, None]
-    r = rows.to(tl.int64)[:, None]
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    sm = tl.load(sm_ptr + r * Kp + k[None, :], mask=rmask, other=0).to(tl.int32)
-    k4 = kb * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
-    c2 = tl.load(c2_ptr + r * (Kp // 4) + k4[None, :], mask=rmask, other=0).to(tl.int32)
-    k8 = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    c1 = tl.load(c1_ptr + r * (Kp // 8) + k8[None, :], mask=rmask, other=0).to(tl.int32)
-    # Unpack bytes to weights with joins (no gathers, no duplicated loads). A join adds a new LAST axis, so the
-    # outermost join picks the lowest bit of the weight's index within the byte: joining (even fields, odd
-    # fields), recursively, and reshaping gives weight 4j+q (8j+t) in natural k order.
-    lo = tl.join(tl.join(c2 & 3, (c2 >> 4) & 3), tl.join((c2 >> 2) & 3, (c2 >> 6) & 3))
-    lo = tl.reshape(lo, [BLOCK_N, BLOCK_K])
-    hi = tl.join(
-        tl.join(tl.join(c1 & 1, (c1 >> 4) & 1), tl.join((c1 >> 2) & 1, (c1 >> 6) & 1)),
-        tl.join(tl.join((c1 >> 1) & 1, (c1 >> 5) & 1), tl.join((c1 >> 3) & 1, (c1 >> 7) & 1)),
-    )
-    code = lo | (tl.reshape(hi, [BLOCK_N, BLOCK_K]) << 2)
-    # Escapes of this tile are contiguous in the stream in row-major tile order (format.py): rank = exclusive
-    # prefix count over the flattened tile = earlier rows' totals + earlier columns in this row.
-    is_esc = code == 7
-    e = is_esc.to(tl.int32)
-    row_total = tl.sum(e, axis=1)
-    rank = (tl.cumsum(row_total, axis=0) - row_total)[:, None] + tl.cumsum(e, axis=1) - e
-    first = tl.load(off_ptr + kb * NG + pid_n * (BLOCK_N // 16))
-    true_exp = tl.load(esc_ptr + first + rank, mask=is_esc, other=0).to(tl.int32)
-    exp = tl.where(is_esc, true_exp, code + base)
-    bits = ((sm & 0x80) << 8) | (exp << 7) | (sm & 0x7F)
-    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+def _tree_sum_last(v, A: tl.constexpr, B: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr):
+    """Sum v [A, B, L] over its last axis by a fixed pairwise tree: element i pairs with i + 1 (i even), then
+    pairs of pairs, ... Each step is a sum over an axis of size 2, i.e. one commutative add: layout-independent."""
+    for i in tl.static_range(LOG2L):
+        v = tl.sum(tl.reshape(v, [A, B, L >> (i + 1), 2]), axis=3)
+    return tl.reshape(v, [A, B])
 
 
 @triton.jit
-def _linear_kernel(
+def _gemv_kernel(
     x_ptr,
-    w_ptr,
-    sm_ptr,
-    c2_ptr,
-    c1_ptr,
-    esc_ptr,
-    off_ptr,
+    w_ptr,  # int16 view of raw bf16 W (reference) or a dummy
+    sm_ptr,  # int8 signman [Np, Kp]
+    c2_ptr,  # int32 view of code2 [Np, Kp/16]
+    c1_ptr,  # int16 view of code1 [Np, Kp/16]
+    esc_ptr,  # int16 entries
+    erow_ptr,  # int32 [Np]
+    eblk_ptr,  # int16 [Np, KB + 1]
     y_ptr,
     ws_ptr,
     M,
@@ -98,47 +60,93 @@ def _linear_kernel(
     K,
     Np,
     Kp,
-    NG,
     base,
     stride_xm,
     stride_wn,
     kb_per_split,
     FUSED: tl.constexpr,
     SPLIT: tl.constexpr,
-    DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOG2K: tl.constexpr,
+    E: tl.constexpr,
+    LOG2E: tl.constexpr,
 ):
+    G: tl.constexpr = BLOCK_K // 16
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
+    KB = Kp // BLOCK_K
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rvalid = rows < Np
+    r64 = rows.to(tl.int64)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    mvalid = ms < M
+    gi = tl.arange(0, G)
+    ji = tl.arange(0, 16)
+    eo = tl.arange(0, E)
+    koff = gi[:, None] * 16 + ji[None, :]  # [G, 16] position in the k block
+    row_start = tl.load(erow_ptr + rows, mask=rvalid, other=0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N, G, 16], dtype=tl.float32)
+    acc_e = tl.zeros([BLOCK_M, BLOCK_N, E], dtype=tl.float32)
     kb0 = pid_k * kb_per_split
     for kb in range(kb0, kb0 + kb_per_split):
-        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k0 = kb * BLOCK_K
+        k3 = k0 + koff[None, :, :]  # [1, G, 16]
         if FUSED:
-            w = _decoded_tile(
-                sm_ptr, c2_ptr, c1_ptr, esc_ptr, off_ptr, rows, kb, pid_n, Np, Kp, NG, base, BLOCK_N, BLOCK_K
-            )
+            m3 = rvalid[:, None, None]
+            sm = tl.load(sm_ptr + r64[:, None, None] * Kp + k3, mask=m3, other=0).to(tl.int32)  # sign-extended
+            widx = r64[:, None] * (Kp // 16) + (kb * G + gi)[None, :]
+            c2 = tl.load(c2_ptr + widx, mask=rvalid[:, None], other=0)
+            c1 = tl.load(c1_ptr + widx, mask=rvalid[:, None], other=0).to(tl.int32)
+            code = ((c2[:, :, None] >> (2 * ji)[None, None, :]) & 3) | (((c1[:, :, None] >> ji[None, None, :]) & 1) << 2)
+            # fp32 bits: sign (sign-extended byte << 16 puts copies of it in bits 23..31) | exponent | mantissa
+            bits = ((sm << 16) & -2139160576) | ((code + base) << 23)  # -2139160576 == 0x807F0000 as int32
+            bits = tl.where(code == 7, 0, bits)
         else:
-            w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + k[None, :]
-            w = tl.load(w_ptrs, mask=(rows < N)[:, None] & (k < K)[None, :], other=0.0)
-        xt = tl.load(
-            x_ptr + ms[None, :] * stride_xm + k[:, None], mask=(ms < M)[None, :] & (k < K)[:, None], other=0.0
-        )  # [BLOCK_K, BLOCK_M]: x transposed, so W is the big (A) operand
-        if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong; bf16 products are exact in fp32 anyway
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xt, acc)
-    out_mask = (rows < N)[:, None] & (ms < M)[None, :]
+            m3 = (rows < N)[:, None, None] & (k3 < K)
+            raw = tl.load(w_ptr + r64[:, None, None] * stride_wn + k3, mask=m3, other=0).to(tl.int32) & 0xFFFF
+            e8 = (raw >> 7) & 0xFF
+            bits = tl.where((e8 < base) | (e8 > base + 6), 0, raw << 16)
+        w = bits.to(tl.float32, bitcast=True)
+        xk = tl.load(
+            x_ptr + ms[:, None, None] * stride_xm + k3, mask=mvalid[:, None, None] & (k3 < K), other=0.0
+        ).to(tl.float32)  # [BLOCK_M, G, 16]
+        acc += xk[:, None, :, :] * w[None, :, :, :]
+
+        # Escapes of (row, kb): entries row_start + eblk[row, kb] .. row_start + eblk[row, kb + 1].
+        b_lo = tl.load(eblk_ptr + r64 * (KB + 1) + kb, mask=rvalid, other=0).to(tl.int32) & 0xFFFF
+        b_hi = tl.load(eblk_ptr + r64 * (KB + 1) + kb + 1, mask=rvalid, other=0).to(tl.int32) & 0xFFFF
+        cnt = b_hi - b_lo
+        first = row_start + b_lo
+        n_max = tl.max(cnt, axis=0)
+        for e0 in range(0, n_max, E):
+            em = (e0 + eo)[None, :] < cnt[:, None]  # [BLOCK_N, E]
+            ent = tl.load(esc_ptr + first[:, None] + e0 + eo[None, :], mask=em, other=0).to(tl.int32) & 0xFFFF
+            ke = k0 + (ent & 0xFF)
+            if FUSED:
+                smb = tl.load(sm_ptr + r64[:, None] * Kp + ke, mask=em, other=0).to(tl.int32)
+                ebits = ((smb << 16) & -2139160576) | ((ent >> 8) << 23)
+            else:
+                ebits = (tl.load(w_ptr + r64[:, None] * stride_wn + ke, mask=em, other=0).to(tl.int32) & 0xFFFF) << 16
+            we = tl.where(em, ebits, 0).to(tl.float32, bitcast=True)
+            xe = tl.load(
+                x_ptr + ms[:, None, None] * stride_xm + ke[None, :, :],
+                mask=mvalid[:, None, None] & em[None, :, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc_e += xe * we[None, :, :]
+
+    total = _tree_sum_last(tl.reshape(acc, [BLOCK_M, BLOCK_N, BLOCK_K]), BLOCK_M, BLOCK_N, BLOCK_K, LOG2K)
+    total = total + _tree_sum_last(acc_e, BLOCK_M, BLOCK_N, E, LOG2E)
+    out_mask = mvalid[:, None] & (rows < N)[None, :]
     if SPLIT == 1:
-        tl.store(y_ptr + ms[None, :].to(tl.int64) * N + rows[:, None], acc.to(tl.bfloat16), mask=out_mask)
+        tl.store(y_ptr + ms[:, None].to(tl.int64) * N + rows[None, :], total.to(tl.bfloat16), mask=out_mask)
     else:
-        ws_rows = (pid_k * M + ms[None, :]).to(tl.int64)
-        tl.store(ws_ptr + ws_rows * N + rows[:, None], acc, mask=out_mask)
+        ws_rows = (pid_k * M + ms[:, None]).to(tl.int64)
+        tl.store(ws_ptr + ws_rows * N + rows[None, :], total, mask=out_mask)
 
 
 @triton.jit
@@ -151,47 +159,94 @@ def _split_reduce_kernel(ws_ptr, y_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.co
     tl.store(y_ptr + offs, acc.to(tl.bfloat16), mask=mask)
 
 
+@triton.jit
+def _decode_kernel(sm_ptr, c2_ptr, c1_ptr, out_ptr, Np, Kp, base, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fused kernel's tile decode, written out (escapes as +0; decode_gpu patches them): proves on the GPU that
+    the in-register decode is the inverse of encode."""
+    G: tl.constexpr = BLOCK_K // 16
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r64 = rows.to(tl.int64)
+    kb = tl.program_id(1)
+    gi = tl.arange(0, G)
+    ji = tl.arange(0, 16)
+    k3 = kb * BLOCK_K + (gi[:, None] * 16 + ji[None, :])[None, :, :]
+    m3 = (rows < Np)[:, None, None]
+    sm = tl.load(sm_ptr + r64[:, None, None] * Kp + k3, mask=m3, other=0).to(tl.int32)
+    widx = r64[:, None] * (Kp // 16) + (kb * G + gi)[None, :]
+    c2 = tl.load(c2_ptr + widx, mask=(rows < Np)[:, None], other=0)
+    c1 = tl.load(c1_ptr + widx, mask=(rows < Np)[:, None], other=0).to(tl.int32)
+    code = ((c2[:, :, None] >> (2 * ji)[None, None, :]) & 3) | (((c1[:, :, None] >> ji[None, None, :]) & 1) << 2)
+    bits = ((sm << 16) & -2139160576) | ((code + base) << 23)
+    bits = tl.where(code == 7, 0, bits)
+    tl.store(out_ptr + r64[:, None, None] * Kp + k3, (bits >> 16).to(tl.int16), mask=m3)
+
+
+def decode_gpu(p: Packed) -> torch.Tensor:
+    """Decode with the kernel's own tile decode (escapes patched from the side tables in torch)."""
+    from harness.fused.format import escape_positions
+
+    np_, kp = p.signman.shape
+    out = torch.empty((np_, kp), dtype=torch.int16, device=p.device)
+    grid = (triton.cdiv(np_, 16), kp // p.tk)
+    _decode_kernel[grid](
+        p.signman.view(torch.int8), p.code2.view(torch.int32), p.code1.view(torch.int16), out, np_, kp, p.base,
+        BLOCK_N=16, BLOCK_K=p.tk,
+    )
+    rows, ks, ex = escape_positions(p)
+    sm = p.signman[rows, ks].to(torch.int32)
+    out[rows, ks] = (((sm & 0x80) << 8) | (ex << 7) | (sm & 0x7F)).to(torch.int16)
+    n, k = p.shape
+    return out[:n, :k].view(torch.bfloat16).contiguous()
+
+
 @dataclass(frozen=True)
 class Config:
-    block_n: int = 32
+    block_n: int = 16
     num_warps: int = 4
     split: int = 1
     num_stages: int = 2
+    block_e: int = 16  # escape slots per (row, k block) per pass
 
     def __str__(self) -> str:
-        return f"bn{self.block_n}_w{self.num_warps}_s{self.split}_st{self.num_stages}"
+        return f"bn{self.block_n}_w{self.num_warps}_s{self.split}_st{self.num_stages}_e{self.block_e}"
+
+
+def block_m_for(m: int) -> int:
+    return min(MAX_BLOCK_M, triton.next_power_of_2(max(m, 1)))
 
 
 # A small explicit list (no @triton.autotune: it benchmarks on first call, which breaks CUDA-graph capture).
 CONFIGS = [
     Config(bn, nw, sp, st)
-    for bn in (16, 32, 64)
-    for nw in (4, 8)
+    for bn in (4, 8, 16, 32)
+    for nw in (2, 4, 8)
     for sp in (1, 2, 4, 8)
-    for st in (2, 3)
-    if not (bn == 16 and nw == 8)
+    for st in (1, 2, 3)
 ]
 
 _CHOSEN: dict[tuple, Config] = {}  # (fused, M, N, K, tk) -> Config, filled by tune() or set_config()
 
 
-def heuristic_config(n: int, k: int, tk: int) -> Config:
-    """Enough programs to fill 132 SMs about twice over; split-K only when rows alone cannot."""
+def heuristic_config(n: int, k: int, tk: int, m: int = 1) -> Config:
+    """Register budget: acc holds block_m * block_n * tk fp32 per program; keep it ~32-64 per thread. Then split-K
+    until there are ~4 programs per SM (132 SMs)."""
+    bm = block_m_for(m)
+    block_n = max(4, 16 // bm) if bm > 1 else 16
+    warps = 4
     kb = triton.cdiv(k, tk)
-    block_n = 32
     programs = triton.cdiv(n, block_n)
     split = 1
-    while programs * split < 264 and split < 8 and kb % (split * 2) == 0:
+    while programs * split < 528 and split < 8 and kb % (split * 2) == 0:
         split *= 2
-    return Config(block_n, 4, split, 2)
+    return Config(block_n, warps, split, 2)
 
 
 def valid(cfg: Config, n: int, k: int, tk: int) -> bool:
-    return cfg.block_n % ROW_GROUP == 0 and triton.cdiv(k, tk) % cfg.split == 0
+    return triton.cdiv(k, tk) % cfg.split == 0 and cfg.block_e in (8, 16, 32)
 
 
 def config_for(fused: bool, m: int, n: int, k: int, tk: int) -> Config:
-    return _CHOSEN.get((fused, m, n, k, tk)) or heuristic_config(n, k, tk)
+    return _CHOSEN.get((fused, m, n, k, tk)) or heuristic_config(n, k, tk, m)
 
 
 def set_config(fused: bool, m: int, n: int, k: int, tk: int, cfg: Config) -> None:
@@ -200,36 +255,35 @@ def set_config(fused: bool, m: int, n: int, k: int, tk: int, cfg: Config) -> Non
     _CHOSEN[(fused, m, n, k, tk)] = cfg
 
 
-def launch(x2d: torch.Tensor, w: torch.Tensor | None, p: Packed | None, tk: int, cfg: Config, wrap=lambda f: f):
-    """Run one variant: FUSED when p is given (w ignored), the reference when w is given. wrap: wrap_triton."""
+def launch(x2d: torch.Tensor, w: torch.Tensor | None, p: Packed, cfg: Config, fused: bool = True, wrap=lambda f: f):
+    """Run one variant. fused: decode p in the kernel. Not fused: the exactness reference, reading raw bf16 w
+    (p supplies only base and the escape positions)."""
     m, k = x2d.shape
-    fused = p is not None
-    if fused:
-        n = p.shape[0]
-        np_, kp = p.signman.shape
-        sm, c2, c1, esc, off, base = p.signman, p.code2, p.code1, p.esc, p.esc_off, p.base
-        dummy = sm
-        w_arg, stride_wn = dummy, 0
-    else:
-        n = w.shape[0]
-        np_, kp = n, triton.cdiv(k, tk) * tk
-        dummy = w
-        sm = c2 = c1 = esc = off = dummy
-        base, w_arg, stride_wn = 0, w, w.stride(0)
+    n = p.shape[0]
+    np_, kp = p.signman.shape
+    tk = p.tk
     kb = kp // tk
     if kb % cfg.split:
         raise ValueError(f"split {cfg.split} does not divide {kb} k blocks")
+    if fused:
+        w_arg, stride_wn = p.esc, 0
+    else:
+        if w is None or tuple(w.shape) != (n, k):
+            raise ValueError("the reference variant needs the raw W [N, K]")
+        w_arg, stride_wn = w.view(torch.int16), w.stride(0)
+    bm = block_m_for(m)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
     ws = torch.empty((cfg.split, m, n), dtype=torch.float32, device=x2d.device) if cfg.split > 1 else y
-    grid = (triton.cdiv(n, cfg.block_n), cfg.split, triton.cdiv(m, BLOCK_M))
-    wrap(_linear_kernel)[grid](
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split, triton.cdiv(m, bm))
+    wrap(_gemv_kernel)[grid](
         x2d,
         w_arg,
-        sm,
-        c2,
-        c1,
-        esc,
-        off,
+        p.signman.view(torch.int8),
+        p.code2.view(torch.int32),
+        p.code1.view(torch.int16),
+        p.esc,
+        p.esc_row,
+        p.esc_blk,
         y,
         ws,
         m,
@@ -237,17 +291,18 @@ def launch(x2d: torch.Tensor, w: torch.Tensor | None, p: Packed | None, tk: int,
         k,
         np_,
         kp,
-        np_ // ROW_GROUP if fused else 0,
-        base,
+        p.base,
         x2d.stride(0),
         stride_wn,
         kb // cfg.split,
         FUSED=fused,
         SPLIT=cfg.split,
-        DOT_F32=INTERPRET,
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=bm,
         BLOCK_N=cfg.block_n,
         BLOCK_K=tk,
+        LOG2K=tk.bit_length() - 1,
+        E=cfg.block_e,
+        LOG2E=cfg.block_e.bit_length() - 1,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -260,6 +315,10 @@ def launch(x2d: torch.Tensor, w: torch.Tensor | None, p: Packed | None, tk: int,
 # ---------------------------------------------------------------- torch ops (torch.compile / CUDA graphs)
 
 
+def _packed(signman, code2, code1, esc, esc_row, esc_blk, base, n, k, tk) -> Packed:
+    return Packed(signman, code2, code1, esc, esc_row, esc_blk, base, (n, k), tk)
+
+
 @torch.library.triton_op("codecllm::fused_linear", mutates_args=())
 def _fused_linear_op(
     x: torch.Tensor,
@@ -267,21 +326,35 @@ def _fused_linear_op(
     code2: torch.Tensor,
     code1: torch.Tensor,
     esc: torch.Tensor,
-    esc_off: torch.Tensor,
+    esc_row: torch.Tensor,
+    esc_blk: torch.Tensor,
     base: int,
     n: int,
     k: int,
     tk: int,
 ) -> torch.Tensor:
-    p = Packed(signman, code2, code1, esc, esc_off, base, (n, k), tk)
+    p = _packed(signman, code2, code1, esc, esc_row, esc_blk, base, n, k, tk)
     cfg = config_for(True, x.shape[0], n, k, tk)
-    return launch(x, None, p, tk, cfg, wrap=torch.library.wrap_triton)
+    return launch(x, None, p, cfg, True, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("codecllm::reference_linear", mutates_args=())
-def _reference_linear_op(x: torch.Tensor, w: torch.Tensor, tk: int) -> torch.Tensor:
-    cfg = config_for(False, x.shape[0], w.shape[0], w.shape[1], tk)
-    return launch(x, w, None, tk, cfg, wrap=torch.library.wrap_triton)
+def _reference_linear_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    signman: torch.Tensor,
+    code2: torch.Tensor,
+    code1: torch.Tensor,
+    esc: torch.Tensor,
+    esc_row: torch.Tensor,
+    esc_blk: torch.Tensor,
+    base: int,
+    tk: int,
+) -> torch.Tensor:
+    n, k = w.shape
+    p = _packed(signman, code2, code1, esc, esc_row, esc_blk, base, n, k, tk)
+    cfg = config_for(False, x.shape[0], n, k, tk)
+    return launch(x, w, p, cfg, False, wrap=torch.library.wrap_triton)
 
 
 def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -290,36 +363,39 @@ def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(-1, k).contiguous()
 
 
+def _fields(p: Packed):
+    return (p.signman, p.code2, p.code1, p.esc, p.esc_row, p.esc_blk)
+
+
 def fused_linear(x: torch.Tensor, p: Packed) -> torch.Tensor:
-    """y = x @ W.T for x [..., K] bf16 and W packed (exp3); y [..., N] bf16, fp32 accumulation."""
+    """y = x @ W.T for x [..., K] bf16 and W packed (exp3 v2); y [..., N] bf16, fp32 accumulation."""
     n, k = p.shape
-    y = torch.ops.codecllm.fused_linear(_flat(x, k), p.signman, p.code2, p.code1, p.esc, p.esc_off, p.base, n, k, p.tk)
+    y = torch.ops.codecllm.fused_linear(_flat(x, k), *_fields(p), p.base, n, k, p.tk)
     return y.reshape(*x.shape[:-1], n)
 
 
-def reference_linear(x: torch.Tensor, w: torch.Tensor, tk: int = 512) -> torch.Tensor:
-    """The exactness reference: the same kernel reading raw bf16 W [N, K] (same tiles, same reduction order)."""
+def reference_linear(x: torch.Tensor, w: torch.Tensor, p: Packed) -> torch.Tensor:
+    """The exactness reference: the same kernel reading raw bf16 W [N, K] (p: base and escape positions only)."""
     n, k = w.shape
-    y = torch.ops.codecllm.reference_linear(_flat(x, k), w.contiguous(), tk)
+    y = torch.ops.codecllm.reference_linear(_flat(x, k), w.contiguous(), *_fields(p), p.base, p.tk)
     return y.reshape(*x.shape[:-1], n)
 
 
 def tune(x: torch.Tensor, p: Packed, w: torch.Tensor | None = None, configs=None, rep_ms: int = 20) -> dict:
-    """Time every valid config for this shape (call before CUDA-graph capture); records and returns the timings."""
+    """Time every valid config for this shape (call before CUDA-graph capture); records and returns the timings.
+    The reference variant (given w) gets the fused variant's config, so the two stay comparable bit for bit."""
     x2d = _flat(x, p.shape[1])
     m, (n, k) = x2d.shape[0], p.shape
     timings = {}
-    for fused, wt in ((True, None), (False, w)):
-        if not fused and wt is None:
+    best = None
+    for cfg in configs or CONFIGS:
+        if not valid(cfg, n, k, p.tk):
             continue
-        best = None
-        for cfg in configs or CONFIGS:
-            if not valid(cfg, n, k, p.tk):
-                continue
-            fn = lambda c=cfg, f=fused, wt=wt: launch(x2d, wt, p if f else None, p.tk, c)  # noqa: E731
-            us = triton.testing.do_bench(fn, warmup=5, rep=rep_ms) * 1e3
-            timings[(fused, str(cfg))] = us
-            if best is None or us < best[0]:
-                best = (us, cfg)
-        set_config(fused, m, n, k, p.tk, best[1])
+        fn = lambda c=cfg: launch(x2d, None, p, c, True)  # noqa: E731
+        us = triton.testing.do_bench(fn, warmup=5, rep=rep_ms) * 1e3
+        timings[str(cfg)] = us
+        if best is None or us < best[0]:
+            best = (us, cfg)
+    set_config(True, m, n, k, p.tk, best[1])
+    set_config(False, m, n, k, p.tk, best[1])
     return timings
