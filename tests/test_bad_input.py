@@ -35,6 +35,11 @@ CASES = {
     "bad_placement": (["compress.placement=disk"], "compress.placement='disk' is invalid", False),
     "required_callback_null": (["callbacks.memory=null"], "the phase needs a PhaseMemory", False),
     "callback_not_a_config": (["+callbacks.extra=5"], "callbacks.extra=5 is not a callback config", False),
+    "compile_with_a_policy_without_a_compiled_form": (["generate.compile=true", "cache=lru", "cache.budget_mb=10"],
+                                                      "cache=lru has no compiled form", False),
+    "compile_with_verify_always": (["generate.compile=true", "compress.verify=always"], "verify=always cannot run", False),
+    "compile_with_block_ahead": (["generate.compile=true", "cache=block", "cache.ahead=1"], "cache.ahead=1 has no compiled", False),
+    "compile_not_a_bool": (["generate.compile=maybe"], "generate.compile='maybe' is invalid", False),
 }
 
 

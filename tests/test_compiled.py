@@ -118,3 +118,20 @@ def test_block_ahead_and_verify_always_are_refused():
     with pytest.raises(HarnessError, match="verify=always"):
         compress_model(copy.deepcopy(loaded.model), make_codec("zstd_grouped"), policy="block", verify="always",
                        layers="all", progress=False, captured=True)
+
+
+def test_cli_runs_compiled_on_the_cpu(tmp_path, harness_cli):
+    """`python -m harness model=tiny compress.layers=all cache=block generate.compile=true`, as a user types it."""
+    import json
+
+    proc = harness_cli(["model=tiny", "compress.layers=all", "cache=block", "generate.compile=true", "logger=none",
+                        "generate.max_new_tokens=4", "generate.repeats=2", f"hydra.run.dir={tmp_path}",
+                        f"compress.cache_dir={tmp_path / 'art'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["baseline"]["compile"] == res["compressed"]["compile"] == "inductor"
+    assert res["compressed"]["warmup"] == 2 and res["compressed"]["warmup_time_s"] > 0
+    assert res["comparison"]["outputs_match"]
+    passes = res["compressed"]["forward_passes"]
+    assert res["compressed"]["decompressions"] == 15 * passes  # 15 linear layers once per pass
+    assert "compiled" in proc.stdout and "warm-up (compile + capture)" in proc.stdout

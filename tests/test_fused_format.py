@@ -9,7 +9,6 @@ import torch
 
 from harness.fused.format import (
     ESCAPE,
-    ROW_GROUP,
     choose_tk,
     decode,
     encode,
