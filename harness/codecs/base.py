@@ -42,6 +42,24 @@ def cuda_source(t: torch.Tensor, codec: str, data_types: dict[torch.dtype, Any])
     return data_type, src, src.view(-1).view(torch.uint8)
 
 
+def cpu_output(ct: CompressedTensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Where a CPU codec decodes to: `out` when given (checked: a contiguous CPU tensor of the right shape and
+    dtype), else a new tensor."""
+    if out is None:
+        return torch.empty(ct.shape, dtype=ct.torch_dtype)
+    if (
+        out.dtype != ct.torch_dtype
+        or tuple(out.shape) != tuple(ct.shape)
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous CPU tensor of shape {tuple(ct.shape)} and dtype {ct.dtype}; "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    return out
+
+
 def checksum(t: torch.Tensor) -> str:
     """xxh3-64 of the tensor's raw bytes (hex): identifies the exact original bits."""
     return xxhash.xxh3_64_hexdigest(raw_bytes(t).numpy())

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import xxhash
 
-from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, dtype_name, raw_bytes
+from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, cpu_output, dtype_name, raw_bytes
 from harness.errors import HarnessError, IntegrityError
 
 DEFAULT_CHUNK_BYTES = 256 * 1024  # ZipNN's default compression_chunk
@@ -85,18 +85,7 @@ class ZipNNCodec(Codec):
     def decode(self, ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if ct.codec != self.name:
             raise ValueError(f"codec {self.name!r} cannot decode a tensor compressed with {ct.codec!r}")
-        if out is None:
-            out = torch.empty(ct.shape, dtype=ct.torch_dtype)
-        elif (
-            out.dtype != ct.torch_dtype
-            or tuple(out.shape) != tuple(ct.shape)
-            or out.device.type != "cpu"
-            or not out.is_contiguous()
-        ):
-            raise ValueError(
-                f"out must be a contiguous CPU tensor of shape {tuple(ct.shape)} and dtype {ct.dtype}; "
-                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-            )
+        out = cpu_output(ct, out)
         src = ct.payload.numpy()
         if xxhash.xxh3_64_hexdigest(src) != ct.meta["payload_xxh3"]:
             raise IntegrityError("zipnn payload is corrupted (xxh3 mismatch)")

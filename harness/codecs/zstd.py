@@ -28,7 +28,7 @@ import torch
 import xxhash
 import zstandard
 
-from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, dtype_name, raw_bytes
+from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, cpu_output, dtype_name, raw_bytes
 from harness.errors import HarnessError, IntegrityError
 
 if sys.byteorder != "little":  # the plane layouts below index bytes of little-endian words
@@ -106,20 +106,6 @@ def _offsets(sizes: list[int]) -> list[int]:
     return [0, *accumulate(sizes[:-1])] if sizes else []
 
 
-def _output(ct: CompressedTensor, out: torch.Tensor | None) -> torch.Tensor:
-    if out is None:
-        return torch.empty(ct.shape, dtype=ct.torch_dtype)
-    if (
-        out.dtype != ct.torch_dtype
-        or tuple(out.shape) != tuple(ct.shape)
-        or out.device.type != "cpu"
-        or not out.is_contiguous()
-    ):
-        raise ValueError(
-            f"out must be a contiguous CPU tensor of shape {tuple(ct.shape)} and dtype {ct.dtype}; "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-    return out
 
 
 class _ZstdBase(Codec):
@@ -182,7 +168,7 @@ class ZstdCodec(_ZstdBase):
 
     def decode(self, ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(ct)
-        out = _output(ct, out)
+        out = cpu_output(ct, out)
         dst = out.view(-1).view(torch.uint8).numpy()
         src = ct.payload.numpy()
         chunk, offs, sizes = ct.meta["chunk_bytes"], ct.meta["frame_offsets"], ct.meta["frame_nbytes"]
@@ -305,7 +291,7 @@ class ZstdGroupedCodec(_ZstdBase):
         word, layout, _, merge = _LAYOUTS[ct.dtype]
         if ct.meta["layout"] != layout:
             raise ValueError(f"{self.name}: unknown plane layout {ct.meta['layout']!r} for {ct.dtype}")
-        out = _output(ct, out)
+        out = cpu_output(ct, out)
         words = out.view(-1).view(torch.uint8).numpy().view(word)  # numpy has no bf16: go through bytes
         src = ct.payload.numpy()
         chunk, offs, sizes, kinds = (
