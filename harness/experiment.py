@@ -161,7 +161,7 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
         raise HarnessError(f"{key} is required; set it on the command line, e.g. {key}=VALUE") from None
 
 
-def paired_rounds(cfg: DictConfig, loaded, module: GenerationModule, runtime, callbacks, tracker) -> PairedRounds:
+def paired_rounds(cfg: DictConfig, loaded, module: GenerationModule, runtime, callbacks) -> PairedRounds:
     """Baseline and compressed alternated, generate.rounds timed rounds (harness.runner.paired: the dense twin)."""
     twin = dense_twin(loaded.model, runtime)
     mechanism = SAME_MODEL if twin is loaded.model else TWO_MODELS
@@ -176,7 +176,6 @@ def paired_rounds(cfg: DictConfig, loaded, module: GenerationModule, runtime, ca
             warmup=rounds_warmup(cfg.generate.warmup, module.compile),
             accelerator="gpu" if loaded.model.device.type == "cuda" else "cpu",
             mechanism=mechanism,
-            logger=tracker.lightning_logger,
         )
     finally:
         base.close()
@@ -243,7 +242,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
             comparison=compare(baseline, compressed),
             layers=runtime.layer_table(),
         )
-        paired = paired_rounds(cfg, loaded, module, runtime, callbacks, tracker)
+        paired = paired_rounds(cfg, loaded, module, runtime, callbacks)
         results.update(rounds=paired.as_dict(), comparison={
             **compare(baseline, compressed, paired.ratio),
             "rounds_mechanism": paired.mechanism,

@@ -52,6 +52,7 @@ def test_wandb_offline_run_files(harness_cli, tmp_path):
         ("cache.budget_mb=0", "cache.budget_mb=0 is invalid"),
         ("device=cuda", "torch.cuda.is_available() is False"),
         ("compress.embeddings=maybe", "compress.embeddings='maybe' is invalid"),
+        ("generate.rounds=0", "generate.rounds=0 is invalid"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(harness_cli, tmp_path, override, message):

@@ -138,11 +138,11 @@ def run_rounds(
     warmup: int,
     accelerator: str,
     mechanism: str,
-    logger: Any = False,
 ) -> PairedRounds:
     """`warmup` untimed rounds, then `rounds` timed ones; each round one generation per side, the order rotated
     per round (harness.rounds.alternate). The first side is the reference every other is paired with. The memory callbacks are left out: memory is the phases' figure, and
-    an RSS sampler thread would only add noise to the timings."""
+    an RSS sampler thread would only add noise to the timings. Per-round figures go to W&B as a table
+    (harness.tracking), not as step metrics: the phases already used those steps."""
     sides = list(modules)
     trainers = {}
     for side, module in modules.items():
@@ -168,8 +168,4 @@ def run_rounds(
     records = {side: modules[side].record for side in sides}
     result = PairedRounds(mechanism, warmup, orders[warmup:], records, exact)
     result.ratios = {side: paired_speed_ratio(result.times(ref), result.times(side)) for side in others}
-    if logger:
-        for i, ratio in enumerate(result.ratio["speed_ratio_per_round"]):
-            logger.log_metrics({"rounds/speed_ratio": ratio, **{f"rounds/{s}_time_s": result.times(s)[i] for s in sides}},
-                               step=i)
     return result
