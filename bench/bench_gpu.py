@@ -30,6 +30,7 @@ from harness.codecs import make_codec  # noqa: E402
 from harness.models import load_model  # noqa: E402
 from harness.runner import callbacks as cb  # noqa: E402
 from harness.runner.module import GenerationModule  # noqa: E402
+from harness.runner.paired import rounds_warmup, run_rounds  # noqa: E402
 from harness.runner.phase import compare, run_phase  # noqa: E402
 from harness.runtime import compress_model  # noqa: E402
 from harness.selection import select_layers  # noqa: E402
@@ -121,8 +122,10 @@ def row_of(shape, batch, variant, res, base, extra):
 
 
 def interleaved(args) -> None:
-    """A/B with the host's drift spread evenly: a dense model and one compressed model per arm side by side on
-    the GPU, their phases alternated round by round, every timed repeat pooled per side."""
+    """A/B with the host's drift paired out: a dense model and one compressed model per arm side by side on the
+    GPU, alternated through harness.runner.paired.run_rounds (the code `python -m harness` runs): a warm-up
+    round, then --rounds rounds of one generation per arm, the order rotated per round; each arm's speed is the
+    median of its per-round ratios to the baseline, with their quartiles."""
     dense, _ = build(args.shape)
     modules = {"baseline": GenerationModule(dense.model, dense.tokenizer, args.tokens, args.tokens)}
     for arm in args.ab:
@@ -132,36 +135,29 @@ def interleaved(args) -> None:
         modules[arm].runtime = rt
         gc.collect(); torch.cuda.empty_cache()
     arms = list(modules)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"  # cpu: smoke tests of this script only
     for b in args.batch:
-        times = {k: [] for k in arms}
-        exact = {k: True for k in arms}
-        host = {k: 0.0 for k in arms}
-        for r in range(args.rounds):
-            res = {}
-            for side in arms[r % len(arms):] + arms[: r % len(arms)]:  # rotate who goes first
-                res[side] = measure(modules[side], b, args, side)
-                times[side] += [res[side].record.times_s[i] for i in res[side].timed]
-                host[side] += res[side].as_dict().get("decompress_time_s") or 0.0
-            for k in arms[1:]:
-                exact[k] &= compare(res["baseline"], res[k])["outputs_match"]
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        paired = run_rounds(modules, {k: callbacks() for k in arms}, prompts(b), args.rounds, rounds_warmup(1, False),
+                            accelerator, mechanism="one model per arm")
+        base = paired.side_dict("baseline")
         for k in arms[1:]:
+            comp, ratio = paired.side_dict(k), paired.ratios[k]
+            stats = [paired.records[k].runtime_stats[i] for i in paired.timed(k)]
             row = {"shape": args.shape, "batch": b, "variant": f"A/B interleaved: {k}", "rounds": args.rounds,
-                   "arms": arms, "baseline_time_s": med["baseline"], "compressed_time_s": med[k],
-                   "baseline_min_max_s": [min(times["baseline"]), max(times["baseline"])],
-                   "compressed_min_max_s": [min(times[k]), max(times[k])],
-                   "speed_vs_base": med["baseline"] / med[k], "bit_exact": exact[k],
-                   # the fastest of each side: less sensitive to the host's drift than the median
-                   "speed_vs_base_by_min": min(times["baseline"]) / min(times[k]),
-                   "tok_s_baseline": b * args.tokens / med["baseline"], "tok_s_compressed": b * args.tokens / med[k],
-                   # the runtime's host time to issue decodes, one generation per round
-                   "decompress_host_ms_per_token": 1e3 * host[k] / (args.rounds * args.tokens)}
+                   "arms": arms, "baseline_time_s": base["time_s"], "compressed_time_s": comp["time_s"],
+                   "baseline_min_max_s": [min(base["times_s"]), max(base["times_s"])],
+                   "compressed_min_max_s": [min(comp["times_s"]), max(comp["times_s"])],
+                   "baseline_gpu_time_s": base["gpu_time_s"], "compressed_gpu_time_s": comp["gpu_time_s"],
+                   "speed_vs_base": ratio["speed_ratio"], "speed_vs_base_iqr": [ratio["speed_ratio_q1"], ratio["speed_ratio_q3"]],
+                   "speed_vs_base_per_round": ratio["speed_ratio_per_round"], "bit_exact": paired.exact[k],
+                   "tok_s_baseline": b * args.tokens / base["time_s"], "tok_s_compressed": b * args.tokens / comp["time_s"],
+                   # the runtime's host time to issue decodes, per generated token
+                   "decompress_host_ms_per_token": 1e3 * sum(s["decompress_time_s"] for s in stats) / (len(stats) * args.tokens)}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{args.shape} b={b} {k}: baseline {med['baseline']:.3f}s [{min(times['baseline']):.3f}-"
-                  f"{max(times['baseline']):.3f}] compressed {med[k]:.3f}s [{min(times[k]):.3f}-"
-                  f"{max(times[k]):.3f}] -> {row['speed_vs_base']:.3f}x baseline speed ({row['speed_vs_base_by_min']:.3f}x by "
-                  f"the fastest of each), exact {exact[k]}, decode host "
+            print(f"{args.shape} b={b} {k}: baseline {base['time_s']:.3f}s compressed {comp['time_s']:.3f}s -> "
+                  f"{ratio['speed_ratio']:.3f}x baseline speed (paired IQR {ratio['speed_ratio_q1']:.3f}-"
+                  f"{ratio['speed_ratio_q3']:.3f}, {args.rounds} rounds), exact {paired.exact[k]}, decode host "
                   f"{row['decompress_host_ms_per_token']:.2f} ms/token", flush=True)
 
 
@@ -175,7 +171,7 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true", help="also measure accelerate cpu_offload")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.jsonl"))
     ap.add_argument("--ab", nargs="+", default=None, help="interleaved A/B of these variants against the baseline")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10, help="paired rounds of the --ab comparison")
     ap.add_argument("--slow-tokens", type=int, default=None,
                     help="tokens for the CPU-decode variants and accelerate's offload (each against its own baseline)")
     args = ap.parse_args()

@@ -28,6 +28,7 @@ from harness.results import ResultsFile, summary_table
 from harness.runner.callbacks import REQUIRED
 from harness.runner.compiled import release_compiled
 from harness.runner.module import GenerationModule
+from harness.runner.paired import SAME_MODEL, TWO_MODELS, PairedRounds, dense_twin, rounds_warmup, run_rounds
 from harness.runner.phase import compare, run_phase
 from harness.runtime import CAPTURED_POLICIES, POLICIES
 from harness.runtime.runtime import VERIFY_MODES, CompressedRuntime, check_placement
@@ -63,11 +64,28 @@ def validate(cfg: DictConfig) -> None:
     make_callbacks(cfg)
     if cfg.generate.max_new_tokens < 1 or cfg.generate.repeats < 1:
         raise HarnessError("generate.max_new_tokens and generate.repeats must be >= 1")
+    rounds_of(cfg)
     if not cfg.generate.prompts:
         raise HarnessError("generate.prompts is empty; give at least one prompt")
     validate_compile(cfg)
     if cfg.eval.name == "fidelity":
         validate_tasks(cfg)
+
+
+# generate.rounds=auto: GPU rounds are cheap (well under a second each for a 1B model), so more of them buy a
+# tighter IQR; on the CPU each costs a baseline plus a compressed generation (~1.7 s with SmolLM2 on the 2-core
+# VM), and 5 keep `python -m harness` quick while still giving quartiles (docs/benchmarks.md).
+AUTO_ROUNDS = {"cuda": 10, "cpu": 5}
+
+
+def rounds_of(cfg: DictConfig) -> int:
+    """generate.rounds as a count: an integer >= 1, or `auto` (AUTO_ROUNDS by device)."""
+    rounds = cfg.generate.get("rounds", "auto")
+    if rounds == "auto":
+        return AUTO_ROUNDS[resolve_device(cfg.device).type]
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise HarnessError(f"generate.rounds={rounds!r} is invalid; use an integer >= 1 (paired rounds) or auto")
+    return rounds
 
 
 def validate_compile(cfg: DictConfig) -> None:
@@ -206,6 +224,29 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
         raise HarnessError(f"{key} is required; set it on the command line, e.g. {key}=VALUE") from None
 
 
+def paired_rounds(cfg: DictConfig, loaded, module: GenerationModule, runtime, callbacks) -> PairedRounds:
+    """Baseline and compressed alternated, generate.rounds timed rounds (harness.runner.paired: the dense twin)."""
+    twin = dense_twin(loaded.model, runtime)
+    mechanism = SAME_MODEL if twin is loaded.model else TWO_MODELS
+    # Its own GenerationModule even over the same model: each side keeps its own record of what it measured.
+    base = GenerationModule(twin, loaded.tokenizer, module.max_new_tokens, module.min_new_tokens, compile=module.compile)
+    try:
+        return run_rounds(
+            {"baseline": base, "compressed": module},
+            {"baseline": callbacks(), "compressed": callbacks()},
+            prompts=list(cfg.generate.prompts),
+            rounds=rounds_of(cfg),
+            warmup=rounds_warmup(cfg.generate.warmup, module.compile),
+            accelerator="gpu" if loaded.model.device.type == "cuda" else "cpu",
+            mechanism=mechanism,
+        )
+    finally:
+        base.close()
+        if twin is not loaded.model and module.compile:
+            release_compiled(twin)  # its compiled step and CUDA graphs go with it
+        del twin, base  # the twin's dense layers go now, before any later phase (fidelity) measures anything
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "harness") -> dict[str, Any]:
     config = resolved(cfg)
     results = ResultsFile(run_dir / "results.json", config, overrides)
@@ -254,11 +295,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         )
         module.runtime = runtime
         compressed = run_phase("compressed", module, make_callbacks(cfg), **phase_kwargs)
-        results.update(
+        results.update(  # the unpaired comparison first: if the rounds fail, the phases are still there
             compressed={**compressed.as_dict(), **runtime.report.as_dict()},
             comparison=compare(baseline, compressed),
             layers=runtime.layer_table(),
         )
+        paired = paired_rounds(cfg, loaded, module, runtime, lambda: make_callbacks(cfg))
+        results.update(rounds=paired.as_dict(), comparison={
+            **compare(baseline, compressed, paired.ratio),
+            "rounds_mechanism": paired.mechanism,
+            "rounds_outputs_match": all(paired.exact.values()),
+        })
         if cfg.eval.name == "fidelity":
             compressed_eval = evaluate_counted(cfg, loaded, runtime=runtime)
             fidelity = compare_fidelity(baseline_eval["tasks"], compressed_eval["tasks"])

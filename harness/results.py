@@ -40,8 +40,22 @@ class ResultsFile:
         os.replace(tmp, self.path)
 
 
+SIDES = ("baseline", "compressed")
+
+
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def speed_ratio_text(cmp_: dict[str, Any], rounds: dict[str, Any] | None) -> str:
+    """`0.82x  (IQR 0.81-0.89, 10 paired rounds, two_models)`; without rounds, the unpaired ratio says so."""
+    ratio, q1, q3 = cmp_.get("speed_ratio"), cmp_.get("speed_ratio_q1"), cmp_.get("speed_ratio_q3")
+    if ratio is None:  # a results.json from before the paired rounds
+        return "-"
+    if not cmp_.get("rounds") or q1 is None:
+        return f"{ratio:.3f}x  (unpaired: phase medians, no rounds yet)"
+    how = f", {rounds['mechanism']}" if rounds else ""
+    return f"{ratio:.3f}x  (IQR {q1:.3f}-{q3:.3f}, {cmp_['rounds']} paired rounds{how})"
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -65,6 +79,11 @@ def summary_table(results: dict[str, Any]) -> str:
     n = base["repeats"] if base else 0
     row(f"time (median of {n})", "time_s", lambda v: f"{v:.3f} s")
     row("time min-max", lambda p: (p["time_s_min"], p["time_s_max"]), lambda v: f"{v[0]:.3f}-{v[1]:.3f} s")
+    paired = results.get("rounds") or {}
+    if paired.get("baseline") and paired.get("compressed"):  # the figures the speed ratio is computed from
+        rows.append((f"time, {paired['rounds']} paired rounds", *(f"{paired[s]['time_s']:.3f} s" for s in SIDES)))
+    row("gpu time (CUDA events)", "gpu_time_s", lambda v: f"{v:.3f} s")
+    row("host overhead / generation", "host_overhead_s", lambda v: f"{v * 1e3:.1f} ms")
     row("tokens/s", "tokens_per_s", lambda v: f"{v:.2f}")
     row("forward passes", "forward_passes")
     mem_kind = (base or comp or {}).get("memory", {}).get("kind", "")
@@ -95,7 +114,8 @@ def summary_table(results: dict[str, Any]) -> str:
             + (", artifact cache hit)" if comp.get("artifact_cache_hit") else ")")
         )
     if cmp_:
-        lines.append(f"{'slowdown':<{w}}{cmp_['slowdown']:.2f}x")
+        lines.append(f"{'speed ratio (base/comp)':<{w}}{speed_ratio_text(cmp_, results.get('rounds'))}")
+        lines.append(f"{'slowdown':<{w}}{cmp_['slowdown']:.2f}x  (1 / speed ratio)")
         lines.append(f"{'peak memory ratio':<{w}}{cmp_['peak_memory_ratio']:.3f}  ({mem_kind})")
         lines.append(f"{'weights held ratio':<{w}}{cmp_['weights_bytes_ratio']:.3f}  (exact)")
         mark = "✓" if cmp_["outputs_match"] else "✗"

@@ -44,20 +44,47 @@ class Timing:
     gpu_s: float | None  # CUDA events on the current stream around the work (None on the CPU)
 
 
+class Timer:
+    """start() ... stop() -> Timing: the split form of `timed`, for callers whose work starts and ends in
+    different places (Lightning's batch-start and batch-end hooks)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing earlier may run into this window
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._t0 = time.perf_counter()
+            self._events[0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> Timing:
+        if self._events is None:
+            return Timing(time.perf_counter() - self._t0, None)
+        start, end = self._events
+        end.record()
+        torch.cuda.synchronize(self.device)
+        return Timing(time.perf_counter() - self._t0, start.elapsed_time(end) / 1e3)
+
+
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, Timing]:
     """Run fn once; its wall-clock time with the device synchronised at both ends, and its CUDA-event time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return out, Timing(time.perf_counter() - t0, start.elapsed_time(end) / 1e3)
-    t0 = time.perf_counter()
+    timer = Timer(device)
+    timer.start()
     out = fn()
-    return out, Timing(time.perf_counter() - t0, None)
+    return out, timer.stop()
+
+
+def host_overhead(timing: Timing) -> float | None:
+    """Wall time outside the CUDA-event window: host work before the first kernel of the generation is queued
+    (tokenising, generate()'s set-up) and after the last one ends (the final sync, copies back). Idle gaps of
+    the GPU *inside* the generation are not in it (they are in gpu_s); None on the CPU, where there is no
+    separate device clock."""
+    return None if timing.gpu_s is None else max(timing.wall_s - timing.gpu_s, 0.0)
 
 
 def alternate(sides: Sequence[str], rounds: int) -> list[list[str]]:

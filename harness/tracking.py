@@ -157,6 +157,17 @@ def run_identity(cfg: dict[str, Any], overrides: list[str], sweep: SweepInfo | N
     return ident
 
 
+def rounds_table(rounds: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per paired round: its order, each side's time and the round's speed ratio."""
+    if not rounds or not rounds.get("speed_ratio_per_round"):
+        return []
+    return [
+        {"round": i + 1, "order": " → ".join(order), "baseline_time_s": rounds["baseline"]["times_s"][i],
+         "compressed_time_s": rounds["compressed"]["times_s"][i], "speed_ratio": ratio}
+        for i, (order, ratio) in enumerate(zip(rounds["orders"], rounds["speed_ratio_per_round"], strict=True))
+    ]
+
+
 class NullTracker:
     """logger=none: touches no W&B."""
 
@@ -193,7 +204,9 @@ class WandbTracker(NullTracker):
     def log_results(self, results, layer_rows, fidelity_rows):
         import wandb
 
-        sections = {k: results[k] for k in ("baseline", "compressed", "comparison") if isinstance(results.get(k), dict)}
+        # comparison/speed_ratio, _q1, _q3, /rounds and rounds/<side>/time_s ...: the same keys as results.json
+        sections = {k: results[k] for k in ("baseline", "compressed", "comparison", "rounds")
+                    if isinstance(results.get(k), dict)}
         summary = _flat(sections)
         summary["status"] = results.get("status")
         if results.get("fidelity"):
@@ -206,6 +219,10 @@ class WandbTracker(NullTracker):
         if layer_rows:
             cols = list(layer_rows[0])
             tables["layers"] = wandb.Table(columns=cols, data=[[str(r[c]) if c == "shape" else r[c] for c in cols] for r in layer_rows])
+        round_rows = rounds_table(results.get("rounds"))
+        if round_rows:
+            cols = list(round_rows[0])
+            tables["rounds"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in round_rows])
         if fidelity_rows:
             cols = list(fidelity_rows[0])
             tables["fidelity_samples"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in fidelity_rows])

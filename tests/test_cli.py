@@ -62,6 +62,7 @@ def test_wandb_offline_run_files(harness_cli, tmp_path):
         ("compress.embeddings=maybe", "compress.embeddings='maybe' is invalid"),
         ("compress.include=mlpp", "compress.include='mlpp' matches no layer"),  # needs the model: after the load
         ("callbacks.timer=null", "the phase needs a GenerationTimer"),
+        ("generate.rounds=0", "generate.rounds=0 is invalid"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(harness_cli, tmp_path, override, message):

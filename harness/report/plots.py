@@ -41,19 +41,34 @@ def _series_label(rows: list[Row]) -> Callable[[Row], str]:
     return lambda r: " · ".join(str(r[k]) for k in [*varied, "cache"])
 
 
-def _plot_series(ax: Axes, rows: list[Row], y: Callable[[Row], float | None]) -> int:
-    """One line per series; returns how many points were drawn."""
+def _plot_series(
+    ax: Axes, rows: list[Row], y: Callable[[Row], float | None], band: Callable[[Row], tuple[float, float] | None] | None = None
+) -> int:
+    """One line per series, with error bars from `band` (e.g. the paired rounds' IQR) where a row has one;
+    returns how many points were drawn."""
     label_of = _series_label(rows)
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, list[tuple[int, float, tuple[float, float] | None]]] = {}
     for r in rows:
         x, v = layers_x(r), y(r)
         if x is not None and v is not None:
-            series.setdefault(label_of(r), []).append((x, v))
-    for i, (label, points) in enumerate(sorted(series.items())):
-        xs, ys = zip(*sorted(points), strict=True)
+            series.setdefault(label_of(r), []).append((x, v, band(r) if band else None))
+    for i, (label, points) in enumerate(sorted(series.items(), key=lambda kv: kv[0])):
+        points.sort(key=lambda p: p[0])
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
         # Distinct markers keep a series visible where it lies exactly on top of another.
-        ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], markersize=8 - 2 * (i % 3), label=label)
+        (line,) = ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], markersize=8 - 2 * (i % 3), label=label)
+        bars = [(x, v, b) for x, v, b in points if b is not None]
+        if bars:
+            lo = [max(v - b[0], 0.0) for _, v, b in bars]
+            hi = [max(b[1] - v, 0.0) for _, v, b in bars]
+            ax.errorbar([p[0] for p in bars], [p[1] for p in bars], yerr=[lo, hi], fmt="none", capsize=4,
+                        color=line.get_color())
     return sum(len(p) for p in series.values())
+
+
+def _iqr(row: Row) -> tuple[float, float] | None:
+    q1, q3 = _number(row.get("speed_ratio_q1")), _number(row.get("speed_ratio_q3"))
+    return None if q1 is None or q3 is None else (q1, q3)
 
 
 def _baseline_lines(ax: Axes, rows: list[Row], y: Callable[[Row], float | None]) -> None:
@@ -125,10 +140,18 @@ def throughput_plot(rows: list[Row]) -> bytes:
     n = _plot_series(tok_ax, rows, _field("compressed_tok_s"))
     _baseline_lines(tok_ax, rows, _field("baseline_tok_s"))
     _finish(tok_ax, rows, "Decode throughput vs compressed layers", "tokens/s", n)
-    n = _plot_series(slow_ax, rows, _field("slowdown"))
+    # The paired rounds' median ratio, its IQR as error bars; a job from before the rounds falls back to
+    # 1 / slowdown (no bars).
+    n = _plot_series(slow_ax, rows, _speed_ratio, _iqr)
     slow_ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1.2, label="baseline (1×)")
-    _finish(slow_ax, rows, "Slowdown vs baseline", "slowdown (× baseline time)", n)
+    _finish(slow_ax, rows, "Speed ratio vs baseline (paired rounds, IQR bars)", "baseline time / compressed time", n)
     return _png(fig)
+
+
+def _speed_ratio(row: Row) -> float | None:
+    ratio = _number(row.get("speed_ratio"))
+    slowdown = _number(row.get("slowdown"))
+    return ratio if ratio is not None else (1 / slowdown if slowdown else None)
 
 
 def decompressions_plot(rows: list[Row]) -> bytes:

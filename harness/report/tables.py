@@ -48,6 +48,7 @@ DISPLAY: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("layers", _layers),
     ("base tok/s", lambda r: _opt(_num(".1f"), r["baseline_tok_s"])),
     ("comp tok/s", lambda r: _opt(_num(".1f"), r["compressed_tok_s"])),
+    ("speed ratio [IQR]", lambda r: _speed(r)),
     ("slowdown", lambda r: _opt(_num(".2f"), r["slowdown"])),
     ("base peak MiB", lambda r: _opt(_mib, r["baseline_peak_bytes"])),
     ("comp peak MiB", lambda r: _opt(_mib, r["compressed_peak_bytes"])),
@@ -59,6 +60,14 @@ DISPLAY: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("outputs match", lambda r: None if r["outputs_match"] is None else "yes" if r["outputs_match"] else "NO"),
     ("fidelity", lambda r: r["fidelity"]),
 ]
+
+
+def _speed(r: dict[str, Any]) -> str | None:
+    """Baseline / compressed time, the paired rounds' median with its quartiles: "0.82 [0.81-0.89]"."""
+    ratio, q1, q3 = r.get("speed_ratio"), r.get("speed_ratio_q1"), r.get("speed_ratio_q3")
+    if not isinstance(ratio, int | float):
+        return None
+    return f"{ratio:.2f} [{q1:.2f}-{q3:.2f}]" if isinstance(q1, int | float) and isinstance(q3, int | float) else f"{ratio:.2f}"
 
 
 def _opt(fmt: Callable[[Any], str], v: Any) -> str | None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import lightning as L
 
-from harness.measure import MemoryMeter, Stopwatch
+from harness.measure import MemoryMeter
+from harness.rounds import Timer
 
 
 class ForwardPassCounter(L.Callback):
@@ -47,14 +48,17 @@ class CachePolicyBoundaries(L.Callback):
 
 
 class GenerationTimer(L.Callback):
-    """Wall-clock time of each generation, device synchronised at both ends."""
+    """Wall-clock time of each generation, device synchronised at both ends, and on CUDA its event time
+    (harness.rounds.Timer: the one timer of the phases, the paired rounds and the benchmarks)."""
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._watch = Stopwatch(trainer.strategy.root_device)
-        self._watch.start()
+        self._timer = Timer(trainer.strategy.root_device)
+        self._timer.start()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        pl_module.record.times_s.append(self._watch.stop())
+        timing = self._timer.stop()
+        pl_module.record.times_s.append(timing.wall_s)
+        pl_module.record.gpu_times_s.append(timing.gpu_s)
 
 
 class PhaseMemory(L.Callback):

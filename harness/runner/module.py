@@ -19,6 +19,7 @@ class PhaseRecord:
 
     warmup: list[bool] = field(default_factory=list)  # per generation
     times_s: list[float] = field(default_factory=list)
+    gpu_times_s: list[float | None] = field(default_factory=list)  # CUDA events per generation; None on the CPU
     forward_passes: list[int] = field(default_factory=list)
     runtime_stats: list[dict[str, Any]] = field(default_factory=list)  # per generation, compressed phase only
     memory: MemoryReading | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from harness.generation import Generation
 from harness.measure import MemoryReading, model_weight_bytes, spread
+from harness.rounds import Timing, host_overhead
 from harness.runner.compiled import compile_details, compile_mode, reset_compile_counters
 from harness.runner.module import GenerationModule, PhaseRecord
 from harness.runner.strategy import stay_on
@@ -52,6 +54,8 @@ class PhaseResult:
         times = spread([self.record.times_s[i] for i in self.timed])
         new_tokens = sum(len(ids) for ids in self.generation.new_token_ids)
         warm = [t for t, w in zip(self.record.times_s, self.record.warmup, strict=True) if w]
+        gpu = [self.record.gpu_times_s[i] for i in self.timed] if self.record.gpu_times_s else []
+        on_gpu = bool(gpu) and None not in gpu
         return {
             "compile": self.compile,
             **({"compile_details": self.compile_details} if self.compile_details else {}),
@@ -60,6 +64,11 @@ class PhaseResult:
             "time_s": times["median"],
             "time_s_min": times["min"],
             "time_s_max": times["max"],
+            # CUDA events around each timed generation (null on the CPU), and the wall time outside them
+            "gpu_time_s": statistics.median(gpu) if on_gpu else None,
+            "host_overhead_s": statistics.median(
+                [host_overhead(Timing(self.record.times_s[i], self.record.gpu_times_s[i])) for i in self.timed]
+            ) if on_gpu else None,
             "repeats": len(self.timed),
             "new_tokens": new_tokens,
             "tokens_per_s": new_tokens / times["median"] if times["median"] > 0 else 0.0,
@@ -113,14 +122,22 @@ def run_phase(
     return PhaseResult(name, module.record, timed[-1], stable, weights, mode, details)
 
 
-def compare(baseline: PhaseResult, compressed: PhaseResult) -> dict[str, Any]:
+def compare(baseline: PhaseResult, compressed: PhaseResult, paired: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Exactness, memory and speed of compressed against baseline. With `paired` (harness.runner.paired's
+    figures) the speed ratio is the median of the paired rounds, `slowdown` its inverse; without it, the ratio
+    of the two phases' medians (measured minutes apart: the host's drift is in it)."""
     a, b = baseline.generation, compressed.generation
     same_shape = a.logits.shape == b.logits.shape
     diff = (a.logits.float() - b.logits.float()).abs().max().item() if same_shape else float("inf")
     tokens_match = a.new_token_ids == b.new_token_ids
     base_t, comp_t = baseline.as_dict()["time_s"], compressed.as_dict()["time_s"]
+    sequential = base_t / comp_t if comp_t > 0 else float("inf")
+    speed = paired or {"speed_ratio": sequential, "speed_ratio_q1": None, "speed_ratio_q3": None, "rounds": 0}
+    ratio = speed["speed_ratio"]
     return {
-        "slowdown": comp_t / base_t if base_t > 0 else float("inf"),
+        **speed,
+        "slowdown": 1 / ratio if ratio > 0 else float("inf"),
+        "sequential_speed_ratio": sequential,  # the two phases' medians, unpaired: kept to show the drift
         "peak_memory_ratio": compressed.memory.peak_bytes / baseline.memory.peak_bytes,
         "weights_bytes_ratio": compressed.weights_bytes / baseline.weights_bytes,
         "token_ids_match": tokens_match,
