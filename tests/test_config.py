@@ -17,11 +17,6 @@ def compose_with(overrides):
         return compose(config_name="config", overrides=overrides)
 
 
-def test_every_group_has_options():
-    for group in ("model", "compress", "cache", "generate", "eval", "logger", "callbacks", "experiment"):
-        assert GROUPS.get(group), f"config group {group} has no options"
-
-
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_validates(group, option):
     extra = ["model.name_or_path=/some/model"] if (group, option) == ("model", "hf") else []
@@ -32,14 +27,6 @@ def test_every_option_composes_and_validates(group, option):
             validate(cfg)
         return
     validate(cfg)
-
-
-def test_defaults_are_the_documented_ones():
-    cfg = compose_with([])
-    assert cfg.model.name == "smollm2_135m"
-    assert cfg.compress.layers == 60 and cfg.cache.name == "per_forward_pass"
-    assert list(cfg.generate.prompts) == ["The capital of France is"] and cfg.generate.max_new_tokens == 10
-    assert cfg.eval.name == "none" and cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
 
 
 def test_prototype_experiment_overlay():

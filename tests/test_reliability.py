@@ -414,7 +414,7 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_is_one_line_and_exit_2(harness_cli, tmp_path, case):
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(harness_cli, tmp_path, case):
     overrides, message = BAD_INPUT[case]
     overrides = [o.format(tmp=tmp_path) for o in overrides]
     model = [] if "model=hf" in overrides else ["model=tiny"]
