@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from harness.codecs import make_codec  # noqa: E402
 from harness.generation import greedy_generate  # noqa: E402
+from harness.measure import model_weight_bytes  # noqa: E402
 from harness.models import load_model  # noqa: E402
 from harness.rounds import alternate, paired_speed_ratio, quartiles, timed  # noqa: E402
 from harness.runner.compiled import compile_details, reset_compile_counters  # noqa: E402
@@ -80,11 +81,8 @@ def _tied(model, p) -> bool:
 
 
 def weights_on_device(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.nbytes
+    """Dense weights plus the compressed bytes held in VRAM (as the harness counts `weights_bytes`)."""
+    total = model_weight_bytes(model)
     for m in model.modules():
         if isinstance(m, (CompressedLinear, CompressedEmbedding)) and m.ct.payload.device.type == "cuda":
             total += m.ct.compressed_nbytes

@@ -54,11 +54,13 @@ def validate(cfg: DictConfig) -> None:
     POLICIES.get(cfg.cache.name)
     if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
         raise HarnessError(f"cache.budget_mb={cfg.cache.budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
-    # The policy's own option checks (cache.depth=0, an option it does not take), on a runtime with no layers:
-    # otherwise they would only run when the compressed phase starts, after the model load and the baseline.
+    compile_ = validate_compile(cfg, codec)
+    # The policy's own option checks (cache.depth=0, an option it does not take; compiled: cache.ahead=1,
+    # verify=always), on a runtime with no layers: otherwise they would only run when the compressed phase
+    # starts, after the model load and the baseline.
     empty = CompressedRuntime(codec, verify=cfg.compress.verify)
     try:
-        empty.set_policy(cfg.cache.name, **policy_options(cfg))
+        empty.set_policy(cfg.cache.name, captured=compile_, **policy_options(cfg))
     finally:
         empty.close()
     make_callbacks(cfg)
@@ -67,7 +69,6 @@ def validate(cfg: DictConfig) -> None:
     rounds_of(cfg)
     if not cfg.generate.prompts:
         raise HarnessError("generate.prompts is empty; give at least one prompt")
-    validate_compile(cfg)
     if cfg.eval.name == "fidelity":
         validate_tasks(cfg)
 
@@ -88,28 +89,24 @@ def rounds_of(cfg: DictConfig) -> int:
     return rounds
 
 
-def validate_compile(cfg: DictConfig) -> None:
-    """generate.compile=true runs the compressed phase through a capturable policy; say what is supported."""
+def validate_compile(cfg: DictConfig, codec) -> bool:
+    """generate.compile, checked: which policies and codecs have a compiled form (the policies' constructors
+    check their own options). Returns whether the run compiles."""
     compile_ = cfg.generate.get("compile", False)
     if not isinstance(compile_, bool):
         raise HarnessError(f"generate.compile={compile_!r} is invalid; use true or false")
     if not compile_:
-        return
+        return False
     supported = ", ".join(CAPTURED_POLICIES.names())
     if cfg.cache.name not in CAPTURED_POLICIES:
         raise HarnessError(f"cache={cfg.cache.name} has no compiled form; with generate.compile=true use cache={supported}")
-    if cfg.compress.verify == "always":
-        raise HarnessError("compress.verify=always cannot run inside a CUDA graph; use verify=first with generate.compile=true")
-    if cfg.cache.get("ahead", 0):
-        raise HarnessError("cache.ahead=1 has no compiled form; use cache.ahead=0 with generate.compile=true")
-    if resolve_device(cfg.device).type == "cuda":
-        codec = make_codec(cfg.compress.codec, **codec_options(cfg))
-        if not codec.capturable or cfg.compress.placement != "gpu":
-            capturable = ", ".join(n for n in CODECS.names() if getattr(CODECS.get(n), "capturable", False))
-            raise HarnessError(
-                f"generate.compile=true on CUDA needs a capturable codec ({capturable}) with compress.placement=gpu, "
-                f"not {cfg.compress.codec} with placement={cfg.compress.placement}; CPU codecs run eagerly"
-            )
+    if resolve_device(cfg.device).type == "cuda" and (not codec.capturable or cfg.compress.placement != "gpu"):
+        capturable = ", ".join(n for n in CODECS.names() if CODECS.get(n).capturable)
+        raise HarnessError(
+            f"generate.compile=true on CUDA needs a capturable codec ({capturable}) with compress.placement=gpu, "
+            f"not {cfg.compress.codec} with placement={cfg.compress.placement}; CPU codecs run eagerly"
+        )
+    return True
 
 
 def make_callbacks(cfg: DictConfig) -> list[L.Callback]:

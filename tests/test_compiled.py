@@ -112,7 +112,7 @@ def test_policies_without_a_compiled_form_are_refused():
 
 def test_block_ahead_and_verify_always_are_refused():
     loaded = tiny_llama(seed=0)
-    with pytest.raises(HarnessError, match="cache.ahead=1 has no captured form"):
+    with pytest.raises(HarnessError, match="cache.ahead=1 has no compiled form"):
         compress_model(copy.deepcopy(loaded.model), make_codec("zstd_grouped"), policy="block",
                        policy_options={"ahead": 1}, layers="all", progress=False, captured=True)
     with pytest.raises(HarnessError, match="verify=always"):

@@ -239,7 +239,7 @@ class CapturedBlock(_Captured):
 
     def __init__(self, runtime: CompressedRuntime, ahead: int = 0) -> None:
         if ahead != 0:
-            raise HarnessError("cache.ahead=1 has no captured form (its side stream and events are per-call host "
+            raise HarnessError("cache.ahead=1 has no compiled form (its side stream and events are per-call host "
                                "logic); use cache.ahead=0 with generate.compile=true")
         super().__init__(runtime)
 
