@@ -1,0 +1,246 @@
+"""The lut3 weight format: bf16 weights laid out for a decode that runs inside a tensor-core GEMV.
+
+Per bf16 weight: its sign+mantissa byte stored raw, and a 3-bit code. Codes 0..6 name the tensor's 7 most frequent
+exponents (a 7-entry table); code 7 is an escape, whose exponent is taken from a per-tensor list of bytes. 11 bits per
+weight plus 8 per escape; escapes are ~2% on normal weights, so ~11.2 bits (1.43x).
+
+Layout. The kernel (lut3_kernel.cu) computes y = x @ W.T with `mma.m16n8k16` (bf16 in, fp32 accumulate): a warp owns
+a tile of 16 rows and walks K in iterations of 64, four k-steps of 16. In one k-step each lane holds 8 weights of
+the A fragment: rows g and g+8 (g = lane // 4), columns 2t, 2t+1, 2t+8, 2t+9 (t = lane % 4). The format stores
+weights in exactly that order, so one lane's 32 weights of an iteration are 32 contiguous bytes of `signman` and 3
+contiguous int32 code words, and a warp reads 1024 contiguous bytes per iteration (coalesced, no shuffles):
+
+    stream position = ((tile * iters + iteration) * 32 + lane) * 32 + j,   j = 8 * step + i
+    element i of a k-step (PTX's A fragment order): row g + 8 * ((i >> 1) & 1), column 2t + (i & 1) + 8 * (i >> 2)
+
+Code words of one (tile, iteration, lane), nibble n = bits 4n..4n+3:
+    W0: bits 0-2 of nibble n = code of j = n;       bit 3 = bit 0 of the code of j = 24 + n
+    W1: bits 0-2 of nibble n = code of j = 8 + n;   bit 3 = bit 1 of the code of j = 24 + n
+    W2: bits 0-2 of nibble n = code of j = 16 + n;  bit 3 = bit 2 of the code of j = 24 + n
+so three masks give PRMT selectors for j = 0..23 and a few shifts those of j = 24..31. A code indexes two byte
+tables with one PRMT per 4 weights: hi[c] = exponent >> 1 and lo[c] = (exponent & 1) << 7 (both 0 for an escape).
+
+Escapes: the main pass decodes an escape with exponent 0, i.e. the subnormal (sign, 0, mantissa); the kernel then
+adds x * (true weight) for each escape. The list is ordered by (tile, iteration, lane, b) with b = 4n + s' for
+j = 8s' + n (the order in which the kernel finds them); `esc_off[tile * iters + iteration]` is where the escapes of
+that (tile, iteration) start, so a warp can start at any iteration (split-K).
+
+Everything here is torch (CPU or GPU, the same code): `encode`, `decode` (the reference inverse), `nbytes`, and
+`emulate_decode`, which runs the kernel's bit operations (PRMT table lookups, byte assembly) elementwise so the CPU
+tests check the kernel's decode logic, not only the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TILE_ROWS = 16
+ITER_K = 64  # k per iteration: 4 mma k-steps of 16
+LANE_WEIGHTS = 32  # weights per lane per iteration
+ESCAPE = 7
+
+
+@dataclass
+class Lut3:
+    """One weight matrix in lut3 form (tensors on one device)."""
+
+    shape: tuple[int, int]  # (N, K) of the original weight
+    signman: torch.Tensor  # uint8 [tiles * iters * 32 * 32], stream order
+    codes: torch.Tensor  # int32 [3, tiles * iters * 32]
+    esc_exp: torch.Tensor  # uint8 [n_escapes]
+    esc_off: torch.Tensor  # int32 [tiles * iters + 1]
+    exponents: tuple[int, ...]  # 7 biased exponents, code c -> exponents[c]
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.shape[0] // TILE_ROWS)
+
+    @property
+    def iters(self) -> int:
+        return self.shape[1] // ITER_K
+
+    @property
+    def device(self) -> torch.device:
+        return self.signman.device
+
+    @property
+    def n_escapes(self) -> int:
+        return int(self.esc_exp.numel())
+
+    def nbytes(self) -> int:
+        """Every byte stored: planes, escape list, offsets, and the 7-byte table."""
+        tensors = (self.signman, self.codes, self.esc_exp, self.esc_off)
+        return sum(t.numel() * t.element_size() for t in tensors) + len(self.exponents)
+
+    def lut_words(self) -> tuple[int, int, int, int]:
+        """(hi0, hi1, lo0, lo1): the two byte tables as PRMT source words (code c is byte c of word0:word1)."""
+        hi = [e >> 1 for e in self.exponents] + [0]
+        lo = [(e & 1) << 7 for e in self.exponents] + [0]
+
+        def word(b: list[int]) -> int:
+            v = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+            return v - (1 << 32) if v >= 1 << 31 else v  # as a C int32
+
+        return word(hi[:4]), word(hi[4:]), word(lo[:4]), word(lo[4:])
+
+    def to(self, device: torch.device | str) -> Lut3:
+        return Lut3(self.shape, self.signman.to(device), self.codes.to(device), self.esc_exp.to(device),
+                    self.esc_off.to(device), self.exponents)  # fmt: skip
+
+
+def supported(shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+    """None if a weight of this shape and dtype can be stored as lut3, else why not (one line)."""
+    if dtype != torch.bfloat16:
+        return f"lut3 stores bfloat16 weights only (got {dtype})"
+    if len(shape) != 2:
+        return f"lut3 stores 2-D weights only (got shape {tuple(shape)})"
+    if shape[1] % ITER_K:
+        return f"lut3 needs in_features divisible by {ITER_K} (got {shape[1]})"
+    return None
+
+
+def _stream_view(w: torch.Tensor, tiles: int, iters: int) -> torch.Tensor:
+    """[tiles*16, iters*64] -> stream order [tiles, iters, 32 lanes, 32 j] (see the module docstring)."""
+    v = w.reshape(tiles, 2, 8, iters, 4, 2, 4, 2)  # tile, rh, g, it, step, hi, t, lb
+    return v.permute(0, 3, 2, 6, 4, 5, 1, 7).reshape(tiles, iters, 32, 32)  # tile, it, (g, t), (step, hi, rh, lb)
+
+
+def _unstream(s: torch.Tensor, tiles: int, iters: int) -> torch.Tensor:
+    v = s.reshape(tiles, iters, 8, 4, 4, 2, 2, 2)  # tile, it, g, t, step, hi, rh, lb
+    return v.permute(0, 6, 2, 1, 4, 5, 3, 7).reshape(tiles * TILE_ROWS, iters * ITER_K)
+
+
+# Escape order within a lane: b = 4n + s' walks j = 8s' + n.
+_ESC_ORDER = torch.tensor([8 * s + n for n in range(8) for s in range(4)])
+
+
+def encode(weight: torch.Tensor) -> Lut3:
+    """Encode a 2-D bf16 weight (on any device; stays there). Raises ValueError if unsupported."""
+    why = supported(tuple(weight.shape), weight.dtype)
+    if why:
+        raise ValueError(why)
+    n, k = weight.shape
+    tiles, iters = -(-n // TILE_ROWS), k // ITER_K
+    dev = weight.device
+    bits = weight.detach().contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    if tiles * TILE_ROWS != n:  # padding rows: sign/mantissa 0, code 0; computed by the kernel, never stored
+        bits = torch.cat([bits, bits.new_zeros(tiles * TILE_ROWS - n, k)])
+    exp = (bits >> 7) & 0xFF
+    counts = torch.bincount(exp[:n].reshape(-1), minlength=256)
+    # 7 most frequent exponents; ties go to the smaller exponent (stable, deterministic)
+    order = torch.argsort(-counts.to(torch.int64) * 256 + torch.arange(256, device=dev), stable=True)
+    top = [int(e) for e in order[:7].tolist()]
+    code_of = torch.full((256,), ESCAPE, dtype=torch.int32, device=dev)
+    code_of[torch.tensor(top, device=dev)] = torch.arange(7, dtype=torch.int32, device=dev)
+    code = code_of[exp]
+    code[n:] = 0  # padding rows never escape
+    sm = (((bits >> 8) & 0x80) | (bits & 0x7F)).to(torch.uint8)
+
+    sm_s = _stream_view(sm, tiles, iters)
+    code_s = _stream_view(code, tiles, iters).to(torch.int64)  # [T, I, 32, 32]
+    exp_s = _stream_view(exp, tiles, iters)
+    nib = torch.arange(8, device=dev, dtype=torch.int64) * 4
+    words = []
+    for p in range(3):
+        direct = (code_s[..., 8 * p : 8 * p + 8] << nib).sum(-1)
+        spare = (((code_s[..., 24:32] >> p) & 1) << (nib + 3)).sum(-1)
+        w = direct | spare
+        words.append(torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32))
+    codes = torch.stack(words).reshape(3, tiles * iters * 32)
+
+    ordr = _ESC_ORDER.to(dev)
+    esc_mask = (code_s == ESCAPE)[..., ordr]  # [T, I, 32, 32] in escape order
+    esc_exp = exp_s[..., ordr][esc_mask].to(torch.uint8)
+    per_iter = esc_mask.reshape(tiles * iters, -1).sum(-1, dtype=torch.int64)
+    esc_off = torch.zeros(tiles * iters + 1, dtype=torch.int64, device=dev)
+    esc_off[1:] = torch.cumsum(per_iter, 0)
+    if int(esc_off[-1]) >= 1 << 31:
+        raise ValueError("lut3: more than 2^31 escapes in one tensor")
+    return Lut3((n, k), sm_s.reshape(-1).contiguous(), codes.contiguous(), esc_exp.contiguous(),
+                esc_off.to(torch.int32), tuple(top))  # fmt: skip
+
+
+def _codes_per_weight(p: Lut3) -> torch.Tensor:
+    """[T, I, 32, 32] int64 codes from the three words."""
+    w = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32, 1) & 0xFFFFFFFF
+    nib = torch.arange(8, device=p.device, dtype=torch.int64) * 4
+    direct = [(w[q] >> nib) & 7 for q in range(3)]
+    last = sum((((w[q] >> (nib + 3)) & 1) << q) for q in range(3))
+    return torch.cat(direct + [last], dim=-1)
+
+
+def decode(p: Lut3) -> torch.Tensor:
+    """The reference inverse of `encode`: the original bf16 weight, bit for bit."""
+    code = _codes_per_weight(p)
+    table = torch.tensor(list(p.exponents) + [0], dtype=torch.int64, device=p.device)
+    exp = table[code]
+    ordr = _ESC_ORDER.to(p.device)
+    esc = exp[..., ordr]
+    esc[code[..., ordr] == ESCAPE] = p.esc_exp.to(torch.int64)
+    exp[..., ordr] = esc
+    sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 32)
+    bits = ((sm & 0x80) << 8) | (exp << 7) | (sm & 0x7F)
+    bits = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
+    return _unstream(bits, p.tiles, p.iters)[: p.shape[0]].contiguous().view(torch.bfloat16)
+
+
+# ---- the kernel's bit operations, emulated (tests check lut3_kernel.cu's decode logic on the CPU) ----
+
+
+def prmt(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | int) -> torch.Tensor:
+    """PTX prmt.b32 (default mode) on int64 tensors holding uint32 values: output byte i is source byte
+    (c >> 4i) & 7 of {b:a}, or that byte's sign replicated when bit 3 of the selector nibble is set."""
+    c = torch.as_tensor(c, dtype=torch.int64, device=a.device)
+    src = (b.to(torch.int64) << 32) | (a.to(torch.int64) & 0xFFFFFFFF)
+    out = torch.zeros_like(src)
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = (src >> ((sel & 7) * 8)) & 0xFF
+        byte = torch.where((sel & 8) != 0, torch.where((byte & 0x80) != 0, 0xFF, 0), byte)
+        out |= byte << (8 * i)
+    return out
+
+
+def emulate_decode(p: Lut3) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel's main pass feeds the tensor cores, and its escape mask, from the same operations as the
+    CUDA code: returns (bf16 bits int16 [T, I, 32, 32] in stream order, escape bit masks int64 [T, I, 32])."""
+    hi0, hi1, lo0, lo1 = (v & 0xFFFFFFFF for v in p.lut_words())
+    w = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & 0xFFFFFFFF
+    w0, w1, w2 = w[0], w[1], w[2]
+    m7 = 0x77777777
+    s3 = ((w0 >> 3) & 0x11111111) | ((w1 >> 2) & 0x22222222) | ((w2 >> 1) & 0x44444444)
+    sels = []
+    for s in (w0 & m7, w1 & m7, w2 & m7, s3):
+        sels += [s & 0xFFFF, s >> 16]
+    sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 8, 4)
+    smw = sm[..., 0] | sm[..., 1] << 8 | sm[..., 2] << 16 | sm[..., 3] << 24  # 8 words of 4 weights
+    pairs = []
+    for q in range(8):
+        ehi = prmt(torch.full_like(sels[q], hi0), torch.full_like(sels[q], hi1), sels[q])
+        elo = prmt(torch.full_like(sels[q], lo0), torch.full_like(sels[q], lo1), sels[q])
+        word = smw[..., q]
+        hi = (ehi & ~0x80808080 & 0xFFFFFFFF) | (word & 0x80808080)  # [s e7..e1] per byte
+        lo = (elo & 0x80808080) | (word & 0x7F7F7F7F)  # [e0 m6..m0] per byte
+        pairs += [prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)]  # bf16x2 (j+1 | j), (j+3 | j+2)
+    bits = []
+    for v in pairs:
+        bits += [v & 0xFFFF, v >> 16]
+    out = torch.stack(bits, dim=-1)
+    out = torch.where(out >= 1 << 15, out - (1 << 16), out).to(torch.int16)
+    t = [w0 & (w0 >> 1) & (w0 >> 2), w1 & (w1 >> 1) & (w1 >> 2), w2 & (w2 >> 1) & (w2 >> 2), w0 & w1 & w2]
+    mask = (t[0] & 0x11111111) | ((t[1] & 0x11111111) << 1) | ((t[2] & 0x11111111) << 2) | (t[3] & 0x88888888)
+    return out, mask
+
+
+def main_pass_weight(weight: torch.Tensor, exponents: tuple[int, ...]) -> torch.Tensor:
+    """The weight as the kernel's main pass sees it: escaped weights (exponent not in the table) with their
+    exponent set to 0 (the subnormal (sign, 0, mantissa)). The exactness reference feeds this to the same
+    tensor-core code and adds the escapes exactly as the compressed path does."""
+    bits = weight.view(torch.int16).to(torch.int32)
+    exp = (bits >> 7) & 0xFF
+    member = torch.zeros(256, dtype=torch.bool, device=weight.device)
+    member[torch.tensor(list(exponents), device=weight.device)] = True
+    out = torch.where(member[exp], bits, bits & ~(0xFF << 7))
+    return out.to(torch.int16).view(torch.bfloat16)

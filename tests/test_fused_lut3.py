@@ -1,0 +1,128 @@
+"""The lut3 format (harness/fused/lut3.py) and the kernel's decode logic, on the CPU.
+
+The CUDA kernel cannot run here; `emulate_decode` performs its bit operations (PRMT table lookups, byte assembly,
+escape masks) elementwise, so these tests fail if the kernel's decode would. tests/test_gpu.py runs the kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.fused import lut3
+
+
+def _normal(n: int, k: int, seed: int = 0, std: float = 0.02) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g) * std).to(torch.bfloat16)
+
+
+def _bits(w: torch.Tensor) -> torch.Tensor:
+    return w.view(torch.int16)
+
+
+def _kernel_decode(p: lut3.Lut3) -> torch.Tensor:
+    """The kernel's whole decode, emulated: main-pass bits, then each lane's escapes in mask-bit order with their
+    exponents taken from the list at (iteration offset + exclusive prefix over lanes), as the kernel's scan does."""
+    bits, masks = lut3.emulate_decode(p)
+    bits = bits.clone().to(torch.int64) & 0xFFFF
+    sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 32)
+    exps = p.esc_exp.tolist()
+    for tile in range(p.tiles):
+        for it in range(p.iters):
+            pos = int(p.esc_off[tile * p.iters + it])
+            for lane in range(32):
+                m = int(masks[tile, it, lane])
+                for b in range(32):
+                    if m >> b & 1:
+                        j = 8 * (b & 3) + (b >> 2)
+                        s = int(sm[tile, it, lane, j])
+                        bits[tile, it, lane, j] = ((s & 0x80) << 8) | (exps[pos] << 7) | (s & 0x7F)
+                        pos += 1
+            assert pos == int(p.esc_off[tile * p.iters + it + 1])
+    bits = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
+    return lut3._unstream(bits, p.tiles, p.iters)[: p.shape[0]].contiguous()
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (40, 128), (100, 576), (33, 192)])
+def test_round_trip_and_kernel_decode_are_bit_exact(shape):
+    w = _normal(*shape, seed=shape[0])
+    p = lut3.encode(w)
+    assert torch.equal(_bits(lut3.decode(p)), _bits(w))
+    assert torch.equal(_kernel_decode(p), _bits(w))
+
+
+def test_every_bf16_bit_pattern_survives():
+    """All 65536 patterns (both zeros, subnormals, infinities, NaN payloads) in one tensor, amid normal weights so
+    that most patterns are escapes."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
+    w = torch.cat([every, _normal(256, 256, seed=1)], dim=0)
+    p = lut3.encode(w)
+    assert torch.equal(_bits(lut3.decode(p)), _bits(w))
+    assert torch.equal(_kernel_decode(p)[:64], _bits(w)[:64])  # the slow emulation on a slice of rows
+
+
+def test_main_pass_is_the_weight_with_escaped_exponents_zeroed():
+    w = _normal(48, 256, seed=3)
+    p = lut3.encode(w)
+    bits, masks = lut3.emulate_decode(p)
+    main = lut3._unstream(bits, p.tiles, p.iters)[:48]
+    assert torch.equal(main, _bits(lut3.main_pass_weight(w, p.exponents)))
+    escaped = ~torch.isin((_bits(w).to(torch.int32) >> 7) & 0xFF, torch.tensor(p.exponents))
+    assert int(sum(((masks >> b) & 1).sum() for b in range(32))) == int(escaped.sum()) == p.n_escapes
+
+
+def test_reference_inputs_match_the_kernel_view():
+    """The exactness reference is built from W alone; it must present the kernel the same main-pass weights and
+    escape masks that the compressed path decodes."""
+    pytest.importorskip("harness.fused.lut3_cuda")
+    from harness.fused import lut3_cuda
+
+    w = _normal(40, 128, seed=4)
+    p = lut3.encode(w)
+    ref = lut3_cuda.reference_inputs(w, p.exponents)
+    bits, masks = lut3.emulate_decode(p)
+    main = lut3._unstream(ref.main.reshape(p.tiles, p.iters, 32, 32), p.tiles, p.iters)[:40]
+    assert torch.equal(main, lut3._unstream(bits, p.tiles, p.iters)[:40])
+    assert torch.equal(lut3._unstream(ref.raw.reshape(p.tiles, p.iters, 32, 32), p.tiles, p.iters)[:40], _bits(w))
+    full_tiles = ref.mask.reshape(p.tiles, p.iters, 32)[:2].to(torch.int64) & 0xFFFFFFFF  # tile 2 holds padding
+    assert torch.equal(full_tiles, masks[:2] & 0xFFFFFFFF)
+
+
+def test_ratio_on_normal_weights():
+    """11 bits per weight plus 8 per escape (~2% on normal(0, 0.02)): about 1.43x on an 8B-shaped block."""
+    w = _normal(1024, 4096, seed=5)
+    p = lut3.encode(w)
+    ratio = w.numel() * 2 / p.nbytes()
+    assert 1.40 <= ratio <= 16 / 11
+    assert 0.015 < p.n_escapes / w.numel() < 0.03
+
+
+def test_table_holds_the_seven_most_frequent_exponents():
+    w = _normal(64, 512, seed=6)
+    p = lut3.encode(w)
+    counts = torch.bincount(((_bits(w).to(torch.int32) >> 7) & 0xFF).reshape(-1), minlength=256)
+    assert sorted(counts[list(p.exponents)].tolist()) == sorted(counts.topk(7).values.tolist())
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "message"),
+    [
+        ((16, 64), torch.float16, "bfloat16"),
+        ((16, 60), torch.bfloat16, "divisible by 64"),
+        ((64,), torch.bfloat16, "2-D"),
+    ],
+)
+def test_unsupported_weights_are_refused_with_the_reason(shape, dtype, message):
+    w = torch.zeros(shape, dtype=dtype)
+    assert message in lut3.supported(tuple(w.shape), w.dtype)
+    with pytest.raises(ValueError, match=message):
+        lut3.encode(w)
+
+
+def test_prmt_matches_ptx_semantics():
+    a, b = torch.tensor([0x44332211]), torch.tensor([0x88776655])
+    assert int(lut3.prmt(a, b, 0x3210)) == 0x44332211
+    assert int(lut3.prmt(a, b, 0x7654)) == 0x88776655
+    assert int(lut3.prmt(a, b, 0x5140)) == 0x66225511
+    assert int(lut3.prmt(a, b, 0x000F)) == 0x111111FF  # bit 3 set: the sign of byte 7 (0x88) replicated
