@@ -10,6 +10,9 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   block_eager        nvcomp_ans_batched, bytes in VRAM, cache=block (the eager runtime)
   block_compiled     the same weights through the capturable block policy, compiled like dense_compiled
   none_compiled      the capturable none policy (each layer decoded at its use), compiled
+  fused_compiled     every linear layer in lut3, decoded in registers inside the GEMV (harness/fused), compiled
+  fused_eager        the same, eager
+  fused_ref_compiled the lut3 kernel fed the uncompressed weights: the exactness reference of fused_compiled
   block_*_emb        the same with the (untied) embedding table compressed too
   dense_compiled_ref dense, compiled, its lookup behind an opaque op: the exactness reference of
                      block_compiled_emb (Inductor fuses a plain lookup into the first RMSNorm, which rounds
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from harness.codecs import make_codec  # noqa: E402
+from harness.fused.modules import FusedLinear, swap_linears  # noqa: E402
 from harness.generation import greedy_generate  # noqa: E402
 from harness.measure import model_weight_bytes  # noqa: E402
 from harness.models import load_model  # noqa: E402
@@ -45,8 +49,16 @@ from harness.runtime import CompressedEmbedding, CompressedLinear, compress_mode
 from harness.runtime.captured import OpaqueEmbedding  # noqa: E402
 from harness.selection import select_layers  # noqa: E402
 
-BASE_PROMPTS = ["The capital of France is", "Lossless compression of weights", "Once upon a time", "The H200 has",
-                "In 1905 Einstein", "A byte plane is", "Decoding on the GPU", "Tokens per second"]
+BASE_PROMPTS = [
+    "The capital of France is",
+    "Lossless compression of weights",
+    "Once upon a time",
+    "The H200 has",
+    "In 1905 Einstein",
+    "A byte plane is",
+    "Decoding on the GPU",
+    "Tokens per second",
+]
 
 
 def prompts(batch: int) -> list[str]:
@@ -60,7 +72,10 @@ def step_bytes(model: torch.nn.Module) -> tuple[int, int]:
     dense = moved = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, CompressedLinear):
+        if isinstance(module, FusedLinear):
+            dense += module.in_features * module.out_features * 2
+            moved += module.nbytes
+        elif isinstance(module, CompressedLinear):
             dense += module.weight_nbytes
             moved += module.ct.compressed_nbytes + 2 * module.weight_nbytes
         elif isinstance(module, CompressedEmbedding):
@@ -89,14 +104,34 @@ def weights_on_device(model) -> int:
     return total
 
 
+def profile_one(fn, tokens: int, top: int = 12) -> dict:
+    """CUDA time per step by kernel name over one generation (torch.profiler): where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            per[e.key[:80]] = (t / tokens, e.count / tokens)
+    total = sum(t for t, _ in per.values())
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"cuda_us_per_step": total, "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama_1b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--arms", nargs="+", default=["dense_eager", "dense_compiled", "block_eager", "block_compiled", "none_compiled"])
+    ap.add_argument(
+        "--arms", nargs="+", default=["dense_eager", "dense_compiled", "block_eager", "block_compiled", "none_compiled"]
+    )
     ap.add_argument("--out", default="bench_compile.jsonl")
+    ap.add_argument("--profile", nargs="*", default=[], help="arms to profile (torch.profiler, one generation)")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # several compiled models share transformers' code objects
     out = open(args.out, "a")
@@ -109,9 +144,19 @@ def main() -> None:
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)
     t = time.perf_counter()
-    dense = load_model({"kind": "synthetic", "name": args.shape, "shape": args.shape, "seed": 0, "dtype": "bfloat16"}, device)
-    emit({"event": "loaded", "shape": args.shape, "card": card, "load_s": time.perf_counter() - t,
-          "torch": torch.__version__, "driver": torch.version.cuda})
+    dense = load_model(
+        {"kind": "synthetic", "name": args.shape, "shape": args.shape, "seed": 0, "dtype": "bfloat16"}, device
+    )
+    emit(
+        {
+            "event": "loaded",
+            "shape": args.shape,
+            "card": card,
+            "load_s": time.perf_counter() - t,
+            "torch": torch.__version__,
+            "driver": torch.version.cuda,
+        }
+    )
     tok = dense.tokenizer
     models = {"dense_eager": (dense.model, False, None), "dense_compiled": (dense.model, True, None)}
     if "dense_compiled_ref" in args.arms and not dense.model.config.tie_word_embeddings:
@@ -120,22 +165,70 @@ def main() -> None:
         ref_model.model.embed_tokens = OpaqueEmbedding(ref_model.model.embed_tokens)
         models["dense_compiled_ref"] = (ref_model, True, None)
     encoded: dict = {}
-    for arm, policy, captured, embeddings in (("block_eager", "block", False, False), ("block_compiled", "block", True, False),
-                                              ("none_compiled", "none", True, False), ("block_eager_emb", "block", False, True),
-                                              ("block_compiled_emb", "block", True, True)):
+    for arm, policy, captured, embeddings in (
+        ("block_eager", "block", False, False),
+        ("block_compiled", "block", True, False),
+        ("none_compiled", "none", True, False),
+        ("block_eager_emb", "block", False, True),
+        ("block_compiled_emb", "block", True, True),
+    ):
         if arm not in args.arms:
             continue
         t = time.perf_counter()
         model = copy.deepcopy(dense.model)
         sel = select_layers(model, "all", embeddings=embeddings)
         have = {c.name for c in sel.chosen} <= set(encoded)
-        rt = compress_model(model, make_codec("nvcomp_ans_batched"), selection=sel, policy=policy, placement="gpu",
-                            precompressed=encoded if have else None, captured=captured, attach=True, progress=False)
+        rt = compress_model(
+            model,
+            make_codec("nvcomp_ans_batched"),
+            selection=sel,
+            policy=policy,
+            placement="gpu",
+            precompressed=encoded if have else None,
+            captured=captured,
+            attach=True,
+            progress=False,
+        )
         torch.cuda.synchronize()
         encoded.update({layer.name: layer.ct for layer in rt.layers})  # encode once, share the bytes
         models[arm] = (model, captured, rt)
-        emit({"event": "compressed", "arm": arm, "s": time.perf_counter() - t, "ratio": rt.report.compression_ratio,
-              "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}"})
+        emit(
+            {
+                "event": "compressed",
+                "arm": arm,
+                "s": time.perf_counter() - t,
+                "ratio": rt.report.compression_ratio,
+                "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
+            }
+        )
+    fused_counts = {}
+    for arm, mode, compile_ in (
+        ("fused_compiled", "fused", True),
+        ("fused_eager", "fused", False),
+        ("fused_ref_compiled", "reference", True),
+    ):
+        if arm not in args.arms:
+            continue
+        t = time.perf_counter()
+        share = next((a for a in ("fused_compiled", "fused_eager") if a in models), None) if mode == "fused" else None
+        if share is not None:  # the same fused model, run the other way
+            models[arm] = (models[share][0], compile_, None)
+            fused_counts[arm] = fused_counts[share]
+            continue
+        model = copy.deepcopy(dense.model)
+        fused_counts[arm] = swap_linears(model, mode, tune_tokens=tuple(args.batch) if mode == "fused" else ())
+        torch.cuda.synchronize()
+        models[arm] = (model, compile_, None)
+        emit(
+            {
+                "event": "compressed",
+                "arm": arm,
+                "s": time.perf_counter() - t,
+                "mode": mode,
+                "layers": int(fused_counts[arm].shape[1]),
+                "weights_bytes": weights_on_device(model),
+            }
+        )
     gc.collect()
     arms = [a for a in args.arms if a in models]
 
@@ -146,8 +239,11 @@ def main() -> None:
             model, compile_, rt = models[arm]
             if rt is not None:
                 rt.reset_stats()
-            g = greedy_generate(model, tok, ps, args.tokens, min_new_tokens=args.tokens, device=device,
-                                compile=compile_)
+            if arm in fused_counts:
+                fused_counts[arm].zero_()
+            g = greedy_generate(
+                model, tok, ps, args.tokens, min_new_tokens=args.tokens, device=device, compile=compile_
+            )
             if rt is not None:
                 rt.end_generation()
             return g
@@ -169,7 +265,10 @@ def main() -> None:
                 times[arm].append(timing.wall_s)
                 gpu[arm].append(timing.gpu_s)
                 outs[arm] = g
-        refs = {name: outs.get(name) for name in ("dense_compiled", "dense_eager", "dense_compiled_ref")}
+        refs = {
+            name: outs.get(name)
+            for name in ("dense_compiled", "dense_eager", "dense_compiled_ref", "fused_ref_compiled")
+        }
         for arm in arms:
             model, compile_, rt = models[arm]
             torch.cuda.synchronize()
@@ -183,26 +282,51 @@ def main() -> None:
             q1, med, q3 = quartiles(times[arm])
             tok_s = batch * args.tokens / med
             g = outs[arm]
-            row = {"event": "row", "shape": args.shape, "card": card, "batch": batch, "tokens": args.tokens, "arm": arm,
-                   "compiled": compile_, "time_s": med, "time_s_q1": q1, "time_s_q3": q3, "tok_s": tok_s,
-                   "gpu_time_s": quartiles(gpu[arm])[1], "times_s": times[arm],
-                   "weights_bytes": weights, "peak_bytes": weights + transient, "transient_bytes": transient,
-                   "step_dense_bytes": dense_b, "step_moved_bytes": moved_b,
-                   "gb_per_step": moved_b / 1e9, "implied_gbps": moved_b / 1e9 * (args.tokens / med), **warm[arm]}
+            row = {
+                "event": "row",
+                "shape": args.shape,
+                "card": card,
+                "batch": batch,
+                "tokens": args.tokens,
+                "arm": arm,
+                "compiled": compile_,
+                "time_s": med,
+                "time_s_q1": q1,
+                "time_s_q3": q3,
+                "tok_s": tok_s,
+                "gpu_time_s": quartiles(gpu[arm])[1],
+                "times_s": times[arm],
+                "weights_bytes": weights,
+                "peak_bytes": weights + transient,
+                "transient_bytes": transient,
+                "step_dense_bytes": dense_b,
+                "step_moved_bytes": moved_b,
+                "gb_per_step": moved_b / 1e9,
+                "implied_gbps": moved_b / 1e9 * (args.tokens / med),
+                **warm[arm],
+            }
             for name, ref in refs.items():
                 if ref is not None:
                     row[f"tokens_equal_{name}"] = g.new_token_ids == ref.new_token_ids
                     row[f"logits_equal_{name}"] = bool(torch.equal(g.logits, ref.logits))
                     row[f"max_dlogit_{name}"] = (g.logits.float() - ref.logits.float()).abs().max().item()
-            for name in ("dense_compiled", "dense_eager", "block_eager"):
+            for name in ("dense_compiled", "dense_eager", "block_eager", "block_compiled"):
                 if name in times and name != arm:
                     r = paired_speed_ratio(times[name], times[arm])
                     row[f"vs_{name}"] = r["speed_ratio"]
                     row[f"vs_{name}_iqr"] = [r["speed_ratio_q1"], r["speed_ratio_q3"]]
+            if arm in args.profile:
+                row["profile"] = profile_one(lambda arm=arm: run(arm), args.tokens)
+            if arm in fused_counts:
+                c = fused_counts[arm]
+                row.update(in_kernel_calls=int(c[0].sum()), dense_decodes=int(c[1].sum()), layers=int(c.shape[1]))
             if rt is not None:
                 snap = rt.stats.snapshot()
-                row.update(decompressions=snap["decompressions"], passes=snap["forward_passes"],
-                           per_pass=sorted(set(snap["decompressions_per_pass"])))
+                row.update(
+                    decompressions=snap["decompressions"],
+                    passes=snap["forward_passes"],
+                    per_pass=sorted(set(snap["decompressions_per_pass"])),
+                )
             emit(row)
     out.close()
 

@@ -38,7 +38,18 @@ SHAPES = {  # name: (N, K, uses per decode step of the model)
     "1b.gate_up": (8192, 2048, 32),
     "1b.down": (2048, 8192, 16),
     "1b.lm_head": (128256, 2048, 1),
+    # escape-dense (exponents spread over ~20 values, most weights escape): exercises the kernel's fallback path
+    "stress.wide": (4096, 4096, 0),
 }
+
+
+def weight(name: str, n: int, k: int) -> torch.Tensor:
+    w = torch.randn(n, k, device="cuda") * 0.02
+    if name.startswith("stress"):
+        w = w * torch.exp2(torch.randint(-10, 10, (n, k), device="cuda").float())
+    return w.to(torch.bfloat16)
+
+
 ROTATE_BYTES = 300e6  # > 4x the L2 per variant
 
 
@@ -82,7 +93,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]) -> list[dict]:
     torch.manual_seed(zlib.crc32(name.encode()))
-    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    w = weight(name, n, k)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     p = lut3.encode(w)
@@ -120,6 +131,19 @@ def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]
             row["configs"].append(cfg)
             if best is None or t < best["us"] / 1e6:
                 best = cfg
+        if m == 1:  # where the time goes: the same kernel without escapes, and without decode too (wrong on purpose)
+            for diag in (1, 2):
+                t_d = graph_time_s(
+                    [
+                        (
+                            lambda q=q, wp=best["warps"], x=x, d=diag: lut3_cuda.gemv(
+                                x, q, warps=wp, kernel=f"lut3_diag{d}"
+                            )
+                        )
+                        for q in packs
+                    ]
+                )
+                row[f"diag{diag}_us"] = t_d * 1e6
         refs = [lut3_cuda.reference_inputs(d, p.exponents) for d in dense[:2]]
         t_ref = graph_time_s(
             [(lambda r=r, x=x, wp=best["warps"]: lut3_cuda.reference_gemv(x, r, warps=wp)) for r in refs * 2]
@@ -193,13 +217,15 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['matrix']} | error: {r['error'][:80]} |")
             continue
+        d1, d2 = r.get("diag1_us"), r.get("diag2_us")
         print(f"| {r['matrix']} | {r['M']} | {r['ratio']:.3f} | {r['escape_rate']:.4f} | {r['fused_us']:.1f} | "
+              f"{d1 and round(d1, 1)} | {d2 and round(d2, 1)} | "
               f"{r['cublas_us']:.1f} | {r['speedup_vs_cublas']:.2f} | {r['fused_gbps_compressed']:.0f} | "
               f"{100 * r['fused_gbps_compressed'] / bw:.0f} | {r['best_warps']} | {r['fused_eq_reference']} | "
               f"{r['decode_gpu_exact']} |")  # fmt: skip
     for m in ms:
         for model in ("8b", "1b"):
-            sel = [r for r in rows if "error" not in r and r["M"] == m and r["matrix"].startswith(model)]
+            sel = [r for r in rows if "error" not in r and r["M"] == m and r["matrix"].startswith(model + ".")]
             if sel:
                 f_us = sum(r["fused_us"] * SHAPES[r["matrix"]][2] for r in sel)
                 b_us = sum(r["cublas_us"] * SHAPES[r["matrix"]][2] for r in sel)

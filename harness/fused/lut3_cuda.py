@@ -23,6 +23,7 @@ MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to deco
 _TEMPLATES = (1, 2, 4, 8)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
 _NAMES = [f"lut3_gemv_m{m}" for m in _TEMPLATES] + [f"lut3_ref_m{m}" for m in _TEMPLATES] + ["lut3_decode"]
+_NAMES += ["lut3_diag1_m1", "lut3_diag2_m1"]  # bench/lut3_kernel.py: escapes skipped; decode skipped too
 _kernels: dict | None = None
 # warps per tile by (tiles, iters, tokens), set by tune(); otherwise warps_per_tile's heuristic
 _WARPS: dict[tuple[int, int, int], int] = {}
@@ -55,15 +56,39 @@ def kernel_resources(name: str) -> dict:
 
 
 def warps_per_tile(tiles: int, iters: int, tokens: int = 1) -> int:
-    """Split-K inside a block: enough warps in flight to cover memory latency (about 16 per SM on 132 SMs),
-    at most 16 per block and never more warps than K iterations."""
+    """Split-K inside a block: what `tune` measured for this shape, else at least 4 warps per tile and about 4096
+    warps in all (enough loads in flight on 132 SMs; the H200 sweeps in docs/fused.md), at most 16 per block
+    and never more warps than K iterations."""
     key = (tiles, iters, tokens)
     if key in _WARPS:
         return _WARPS[key]
-    s = 1
-    while s < 16 and tiles * s < 2048 and 2 * s <= iters:
+    s = 4
+    while s < 16 and tiles * s < 4096:
         s *= 2
+    while s > 1 and s > iters:
+        s //= 2
     return s
+
+
+def tune(p: lut3.Lut3, tokens: int, candidates: tuple[int, ...] = (2, 4, 8, 16), repeats: int = 20) -> int:
+    """Time the kernel on `p` at each warps-per-tile candidate (CUDA events) and keep the fastest for its shape.
+    Call before CUDA-graph capture: it synchronizes."""
+    x = torch.randn(tokens, p.shape[1], device=p.device).to(torch.bfloat16)
+    best, best_s = None, float("inf")
+    for w in candidates:
+        if w > p.iters:
+            continue
+        gemv(x, p, warps=w)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(repeats):
+            gemv(x, p, warps=w)
+        b.record()
+        b.synchronize()
+        if a.elapsed_time(b) < best_s:
+            best, best_s = w, a.elapsed_time(b)
+    set_warps(p.tiles, p.iters, tokens, best)
+    return best
 
 
 def set_warps(tiles: int, iters: int, tokens: int, warps: int) -> None:
@@ -82,12 +107,22 @@ def _check(x2d: torch.Tensor, k: int) -> None:
         raise ValueError(f"lut3 kernel wants contiguous bf16 [M, {k}], got {x2d.dtype} {tuple(x2d.shape)}")
 
 
+SMEM_PER_WARP_BYTES = 16 * 32 * 4 + 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: escape buckets + split-K sums
+
+
 def _launch(name: str, tiles: int, warps: int, args: list) -> None:
-    kernels()[name](grid=(tiles, 1, 1), block=(32 * warps, 1, 1), args=args)
+    kernels()[name](grid=(tiles, 1, 1), block=(32 * warps, 1, 1), args=args, shared_mem=SMEM_PER_WARP_BYTES * warps)
 
 
-def gemv(x2d: torch.Tensor, p: lut3.Lut3, counter: torch.Tensor | None = None, warps: int | None = None):
-    """x2d @ W.T for M <= 8 tokens, W decoded in registers. `counter` (int64, one element) counts launches."""
+def gemv(
+    x2d: torch.Tensor,
+    p: lut3.Lut3,
+    counter: torch.Tensor | None = None,
+    warps: int | None = None,
+    kernel: str = "lut3_gemv",
+):
+    """x2d @ W.T for M <= 8 tokens, W decoded in registers. `counter` (int64, one element) counts launches.
+    `kernel="lut3_diag1"`/`"lut3_diag2"`: the bench's diagnostic variants (wrong results on purpose)."""
     m, k = x2d.shape
     n = p.shape[0]
     _check(x2d, k)
@@ -95,7 +130,7 @@ def gemv(x2d: torch.Tensor, p: lut3.Lut3, counter: torch.Tensor | None = None, w
     counter = counter if counter is not None else _scratch_counter(x2d.device)
     warps = warps or warps_per_tile(p.tiles, p.iters, m)
     hi0, hi1, lo0, lo1 = p.lut_words()
-    _launch(f"lut3_gemv_m{_template(m)}", p.tiles, warps,
+    _launch(f"{kernel}_m{_template(m)}", p.tiles, warps,
             [x2d, m, k, p.signman, p.codes, p.esc_exp, p.esc_off, hi0, hi1, lo0, lo1, y, n, p.iters, counter])  # fmt: skip
     return y
 
@@ -192,4 +227,28 @@ def lut3_linear(
 
 @lut3_linear.register_fake
 def _lut3_linear_fake(x2d, signman, codes, esc_exp, esc_off, lut, n, counts, slot):
+    return x2d.new_empty((x2d.shape[0], n))
+
+
+@torch.library.custom_op("codecllm::lut3_reference_linear", mutates_args=("counts",))
+def lut3_reference_linear(
+    x2d: torch.Tensor,
+    main: torch.Tensor,
+    mask: torch.Tensor,
+    raw: torch.Tensor,
+    n: int,
+    counts: torch.Tensor,
+    slot: int,
+) -> torch.Tensor:
+    """The exactness reference as an op: the kernel fed the uncompressed weight (reference_inputs)."""
+    m, k = x2d.shape
+    tiles, iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
+    _launch(f"lut3_ref_m{_template(m)}", tiles, warps_per_tile(tiles, iters, m),
+            [x2d, m, k, main, mask, raw, y, n, iters, counts.view(-1)[slot:]])  # fmt: skip
+    return y
+
+
+@lut3_reference_linear.register_fake
+def _lut3_reference_linear_fake(x2d, main, mask, raw, n, counts, slot):
     return x2d.new_empty((x2d.shape[0], n))

@@ -18,6 +18,12 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 typedef unsigned long long u64;
 
+// Escape descriptors per row per pair of iterations (128 weights of a row): ~2.7 expected on normal weights;
+// a pair with more in any row takes the fallback path. Shared memory per warp: 16 rows x BUCKET x 4 bytes, plus
+// 16 x 8 floats for the block's split-K reduction (the launcher passes SMEM_PER_WARP x warps).
+#define BUCKET 32
+#define SMEM_PER_WARP (16 * BUCKET * 4 + 16 * 8 * 4)
+
 struct Lut {
   u32 hi0, hi1, lo0, lo1;
 };
@@ -87,7 +93,9 @@ __device__ __forceinline__ void load_iter(Buf& b, size_t li, long long lanes_tot
   }
 }
 
-template <int MT, bool FUSED>
+// DIAG (bench/lut3_kernel.py only, results wrong on purpose): 1 = escapes skipped, 2 = decode skipped too (the
+// sign+mantissa words go to the mma as they are): the time each stage costs, by difference.
+template <int MT, bool FUSED, int DIAG = 0>
 struct Gemv {
   const u16* __restrict__ x;
   int M, K;
@@ -101,15 +109,24 @@ struct Gemv {
   int lane, t;
   bool has_tok;
   const u32* __restrict__ xrow;  // token g's row of x (row 0 when g >= M: loaded, then zeroed)
-  float c[4];
-  float corr[2][MT];
+  float c[4], c2[4];  // two accumulator chains (even, odd k-steps): mma latency overlaps; summed at the end
+  float corr[2][MT];   // fallback path: this lane's own escapes, rows g and g + 8
+  float rowc[MT];      // bucket path: escapes of row (lane & 15), every other one (half lane >> 4)
+  u32* bucket;         // this warp's [16 rows][BUCKET] escape descriptors (shared memory)
+  int g;
   int esc_pos;
 
   // Decode one iteration and issue its 4 mma; returns its escape mask.
   __device__ __forceinline__ u32 step(const Buf& b, int it) {
     u32 A[16], mask;
-    if (FUSED) {
+    if (FUSED && DIAG == 2) {
+      const u32 v[8] = {b.s0.x, b.s0.y, b.s0.z, b.s0.w, b.s1.x, b.s1.y, b.s1.z, b.s1.w};
+#pragma unroll
+      for (int i = 0; i < 16; ++i) A[i] = v[i & 7] ^ b.w0;
+      mask = 0;
+    } else if (FUSED) {
       decode32(b.s0, b.s1, b.w0, b.w1, b.w2, lut, A, mask);
+      if (DIAG == 1) mask = 0;
     } else {
       const u32 v[16] = {b.r[0].x, b.r[0].y, b.r[0].z, b.r[0].w, b.r[1].x, b.r[1].y, b.r[1].z, b.r[1].w,
                          b.r[2].x, b.r[2].y, b.r[2].z, b.r[2].w, b.r[3].x, b.r[3].y, b.r[3].z, b.r[3].w};
@@ -121,32 +138,99 @@ struct Gemv {
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const u32 v0 = __ldg(xp + 8 * s), v1 = __ldg(xp + 8 * s + 4);
-      mma16816(c, A + 4 * s, has_tok ? v0 : 0u, has_tok ? v1 : 0u);
+      mma16816((s & 1) ? c2 : c, A + 4 * s, has_tok ? v0 : 0u, has_tok ? v1 : 0u);
     }
     return mask;
   }
 
-  // Escapes of two consecutive iterations (it, it + 1; mb = 0 when there is no second): x * w in fp32, in
-  // mask-bit order. One warp scan serves both (counts packed in 16-bit halves), and a lane walks its escapes of
-  // both in one loop, so the warp waits for its busiest lane once per 64 weights instead of once per 32.
+  // Escapes of two consecutive iterations (it, it + 1; mb = 0 when there is no second). A lane finds its escapes
+  // in its own code bits, but lanes have different numbers of them, and a loop over them costs the warp its
+  // busiest lane's count. So each lane only writes a descriptor per escape into a per-row bucket in shared memory
+  // (a few instructions each), and the lanes then share the buckets evenly: lane (row r = lane & 15, half h =
+  // lane >> 4) adds x * w for every other escape of row r, into its own accumulator. Positions come from prefix
+  // sums, never from atomics, so the order of every fp32 addition is fixed: the result is deterministic.
+  // One warp scan over lanes (counts packed in 16-bit halves) gives each escape's index in the exponent list.
   __device__ __forceinline__ void escapes(u32 ma, u32 mb, int it, size_t la) {
-    int pa = 0, pb = 0;
+    const int na = __popc(ma), nb = __popc(mb);
+    int excl = 0, tot = 0;
     if (FUSED) {
-      const int cnt = __popc(ma) | (__popc(mb) << 16);
+      const int cnt = na | (nb << 16);
       int incl = cnt;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
         const int v = __shfl_up_sync(0xffffffffu, incl, d);
         if (lane >= d) incl += v;
       }
-      const int tot = __shfl_sync(0xffffffffu, incl, 31);
-      const int excl = incl - cnt;
-      pa = esc_pos + (excl & 0xFFFF);
-      pb = esc_pos + (tot & 0xFFFF) + (excl >> 16);
-      esc_pos += (tot & 0xFFFF) + (tot >> 16);
+      tot = __shfl_sync(0xffffffffu, incl, 31);
+      excl = incl - cnt;
     }
-    // 32-bit masks and 32-bit offsets from per-call bases: the loop body stays short (it runs once per escape
-    // of the warp's busiest lane)
+    // per-row bucket positions: escapes of rows g (lower) and g + 8 (upper) come from the 4 lanes of group g only
+    const u32 UP = 0xFF00FF00u;  // mask bits b with (b >> 3) & 1: the upper row
+    const int nup = __popc(ma & UP) + __popc(mb & UP);
+    const int cnt2 = (na + nb - nup) | (nup << 16);
+    int gin = cnt2;
+    {
+      const int v1 = __shfl_up_sync(0xffffffffu, gin, 1);
+      if (t >= 1) gin += v1;
+      const int v2 = __shfl_up_sync(0xffffffffu, gin, 2);
+      if (t >= 2) gin += v2;
+    }
+    const int gtot = __shfl_sync(0xffffffffu, gin, (lane | 3));
+    // one token: each lane walks its own escapes (measured faster there than the buckets' shared-memory round
+    // trip); more tokens: the buckets, unless a row overflows one
+    const bool overflow = MT == 1 || __any_sync(0xffffffffu, (gtot & 0xFFFF) > BUCKET || (gtot >> 16) > BUCKET);
+    if (overflow) {  // rare (escape-dense weights): every lane walks its own escapes
+      escapes_own(ma, mb, it, la, excl, tot);
+    } else {
+      int plo = (gin - cnt2) & 0xFFFF, phi = (gin - cnt2) >> 16;
+      const int qa = excl & 0xFFFF, qb = (tot & 0xFFFF) + (excl >> 16);
+      int ia = 0, ib = 0;
+      u32 ra = ma, rb = mb;
+      while (ra | rb) {
+        const bool second = ra == 0;
+        const int b = __ffs(second ? rb : ra) - 1;
+        ra = second ? ra : (ra & (ra - 1));
+        rb = second ? (rb & (rb - 1)) : rb;
+        const int q = second ? qb + ib++ : qa + ia++;  // index in this pair's part of the exponent list
+        const int kofs = (second ? 64 : 0) + 2 * t + 16 * (b & 3) + ((b >> 2) & 1) + 8 * (b >> 4);
+        const int off = (second ? 1024 : 0) + lane * 32 + 8 * (b & 3) + (b >> 2);  // stream byte in the pair
+        const bool upper = (b >> 3) & 1;
+        const int row = g + (upper ? 8 : 0);
+        const int slot = upper ? phi++ : plo++;
+        bucket[row * BUCKET + slot] = (u32)q | ((u32)kofs << 11) | ((u32)off << 18);
+      }
+      __syncwarp();
+      const int r = lane & 15, h = lane >> 4;
+      const int rt = __shfl_sync(0xffffffffu, gtot, 4 * (r & 7));
+      const int size = (r >> 3) ? (rt >> 16) : (rt & 0xFFFF);
+      const u8* smb_p = reinterpret_cast<const u8*>(sm) + (la - lane) * 32;  // the pair's stream region
+      const u16* raw_p = ref_raw + (la - lane) * 32;
+      const u16* xk = x + it * 64;
+      for (int i = h; i < size; i += 2) {
+        const u32 d = bucket[r * BUCKET + i];
+        const int kofs = (d >> 11) & 0x7F, off = d >> 18;
+        u32 wbits;
+        if (FUSED) {
+          const u32 e = esc_exp[esc_pos + (d & 0x7FF)];
+          const u32 smb = smb_p[off];
+          wbits = ((smb & 0x80u) << 24) | (e << 23) | ((smb & 0x7Fu) << 16);
+        } else {
+          wbits = ((u32)raw_p[off]) << 16;
+        }
+        const float w = __uint_as_float(wbits);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (MT == 1 || m < M) rowc[m] = fmaf(bf16_to_f32(xk[(size_t)m * K + kofs]), w, rowc[m]);
+        }
+      }
+      __syncwarp();  // the buckets are rewritten by the next pair
+    }
+    if (FUSED) esc_pos += (tot & 0xFFFF) + (tot >> 16);
+  }
+
+  // Fallback: each lane adds its own escapes (rows g, g + 8) in mask-bit order.
+  __device__ __forceinline__ void escapes_own(u32 ma, u32 mb, int it, size_t la, int excl, int tot) {
+    int pa = esc_pos + (excl & 0xFFFF), pb = esc_pos + (tot & 0xFFFF) + (excl >> 16);
     const u8* smb_p = reinterpret_cast<const u8*>(sm) + la * 32;  // iteration it+1 is 32 lanes x 32 B further
     const u16* raw_p = ref_raw + la * 32;
     const u16* xk = x + it * 64 + 2 * t;
@@ -159,9 +243,7 @@ struct Gemv {
       const int off = (second ? 1024 : 0) + 8 * (b & 3) + (b >> 2);
       u32 wbits;
       if (FUSED) {
-        const int p = second ? pb : pa;
-        pa += second ? 0 : 1;
-        pb += second ? 1 : 0;
+        const int p = second ? pb++ : pa++;
         const u32 e = esc_exp[p];
         const u32 smb = smb_p[off];
         wbits = ((smb & 0x80u) << 24) | (e << 23) | ((smb & 0x7Fu) << 16);
@@ -184,7 +266,7 @@ struct Gemv {
   }
 };
 
-template <int MT, bool FUSED>
+template <int MT, bool FUSED, int DIAG = 0>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, const uint4* __restrict__ sm_stream,
                                      const u32* __restrict__ codes, const u8* __restrict__ esc_exp,
                                      const int* __restrict__ esc_off, const uint4* __restrict__ ref_main,
@@ -196,15 +278,18 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   const int it0 = (I * warp) / S, it1 = (I * (warp + 1)) / S;
   const long long lanes_total = (long long)gridDim.x * I * 32;
 
-  Gemv<MT, FUSED> G;
+  Gemv<MT, FUSED, DIAG> G;
   G.x = x; G.M = M; G.K = K; G.sm = sm_stream; G.codes = codes; G.esc_exp = esc_exp;
   G.ref_main = ref_main; G.ref_mask = ref_mask; G.ref_raw = ref_raw; G.lut = lut;
-  G.lane = lane; G.t = t; G.has_tok = g < M;
+  G.lane = lane; G.t = t; G.g = g; G.has_tok = g < M;
+  extern __shared__ u32 smem[];
+  G.bucket = smem + warp * (16 * BUCKET);
+  float* red = reinterpret_cast<float*>(smem + S * 16 * BUCKET);  // [S][16 rows][8 cols]
   G.xrow = reinterpret_cast<const u32*>(x + (size_t)(g < M ? g : 0) * K);
 #pragma unroll
-  for (int e = 0; e < 4; ++e) G.c[e] = 0.f;
+  for (int e = 0; e < 4; ++e) G.c[e] = G.c2[e] = 0.f;
 #pragma unroll
-  for (int m = 0; m < MT; ++m) G.corr[0][m] = G.corr[1][m] = 0.f;
+  for (int m = 0; m < MT; ++m) G.corr[0][m] = G.corr[1][m] = G.rowc[m] = 0.f;
   G.esc_pos = (FUSED && it0 < it1) ? esc_off[tile * I + it0] : 0;
 
   // unrolled by two with named buffers: the next iteration's loads are in flight during this one's decode,
@@ -224,6 +309,8 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
     G.escapes(ma, mb, it, la);
   }
   float* c = G.c;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) c[e] += G.c2[e];
   auto& corr = G.corr;
   // corrections: sum over the 4 lanes of a row group (fixed pairing), then into the mma layout
 #pragma unroll
@@ -235,11 +322,14 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
       v += __shfl_xor_sync(0xffffffffu, v, 2);
       corr[h][m] = v;
     }
-    if (m == 2 * t) { c[0] += corr[0][m]; c[2] += corr[1][m]; }
-    if (m == 2 * t + 1) { c[1] += corr[0][m]; c[3] += corr[1][m]; }
+    // bucket path: row r's two halves (lanes r, r + 16), then rows g and g + 8 fetched from lanes g, g + 8
+    float v = G.rowc[m];
+    v += __shfl_xor_sync(0xffffffffu, v, 16);
+    const float lo = __shfl_sync(0xffffffffu, v, g), hi = __shfl_sync(0xffffffffu, v, g + 8);
+    if (m == 2 * t) { c[0] += corr[0][m] + lo; c[2] += corr[1][m] + hi; }
+    if (m == 2 * t + 1) { c[1] += corr[0][m] + lo; c[3] += corr[1][m] + hi; }
   }
   // c[0]: (row g, col 2t), c[1]: (g, 2t+1), c[2]: (g+8, 2t), c[3]: (g+8, 2t+1)
-  __shared__ float red[16][16][8];
   const int row0 = tile * 16;
   if (S == 1) {
 #pragma unroll
@@ -249,13 +339,13 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
     }
   } else {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][g + 8 * (e >> 1)][2 * t + (e & 1)] = c[e];
+    for (int e = 0; e < 4; ++e) red[(warp * 16 + g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
     __syncthreads();
     if (warp == 0) {
       for (int idx = lane; idx < 16 * MT; idx += 32) {
         const int r = idx / MT, col = idx % MT;
-        float acc = red[0][r][col];
-        for (int w = 1; w < S; ++w) acc += red[w][r][col];  // warp order: deterministic
+        float acc = red[r * 8 + col];
+        for (int w = 1; w < S; ++w) acc += red[(w * 16 + r) * 8 + col];  // warp order: deterministic
         if (col < M && row0 + r < N) y[(size_t)col * N + row0 + r] = f32_to_bf16(acc);
       }
     }
@@ -279,6 +369,16 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
 
 LUT3_GEMV(1)
 LUT3_GEMV(2)
+
+#define LUT3_DIAG(D)                                                                                           \
+  extern "C" __global__ void __launch_bounds__(512) lut3_diag##D##_m1(                                        \
+      const u16* x, int M, int K, const uint4* sm, const u32* codes, const u8* esc_exp, const int* esc_off,    \
+      int hi0, int hi1, int lo0, int lo1, u16* y, int N, int I, u64* counter) {                                \
+    gemv<1, true, D>(x, M, K, sm, codes, esc_exp, esc_off, nullptr, nullptr, nullptr,                          \
+                     Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);                           \
+  }
+LUT3_DIAG(1)
+LUT3_DIAG(2)
 LUT3_GEMV(4)
 LUT3_GEMV(8)
 
