@@ -2,7 +2,8 @@
 
     python bench/fused_formats.py [--smollm2]
 
-Candidates: exp3 (7-wide exponent window + escape, the implemented format, exact nbytes from encode), top-7 table
+Candidates: lut3 (7 most frequent exponents through a table + inline escapes, the format the CUDA kernel reads;
+exact nbytes from encode), exp3 (7-wide exponent window + escape, the Triton kernel's format, exact nbytes), top-7 table
 (the 7 most frequent exponents, any values), exp4 (15-wide window + escape, 4-bit codes), and the entropy bound
 8 + H(exponent) for sign+mantissa raw.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness.fused import lut3  # noqa: E402
 from harness.fused.format import best_window, encode, exponent_histogram  # noqa: E402
 
 
@@ -27,7 +29,11 @@ def candidates(w: torch.Tensor) -> dict:
     win3 = float(hist[b3 : b3 + 7].sum() / total)
     win4 = float(hist[b4 : b4 + 15].sum() / total)
     p = encode(w)
+    q = lut3.encode(w)
     return {
+        "lut3_bits": 8 * q.nbytes() / w.numel(),
+        "lut3_ratio": 2 * w.numel() / q.nbytes(),
+        "lut3_escape_rate": q.n_escapes / w.numel(),
         "exponent_entropy_bits": entropy,
         "exp3_escape_rate": 1 - win3,
         "exp3_bits": 8 * p.nbytes / w.numel(),
@@ -42,7 +48,8 @@ def candidates(w: torch.Tensor) -> dict:
 
 def show(name: str, r: dict) -> None:
     print(
-        f"{name:28} H(exp) {r['exponent_entropy_bits']:.2f} | exp3 {r['exp3_bits']:.3f} b/w ({r['exp3_ratio']:.3f}x, "
+        f"{name:28} H(exp) {r['exponent_entropy_bits']:.2f} | lut3 {r['lut3_bits']:.3f} b/w ({r['lut3_ratio']:.3f}x, "
+        f"esc {100 * r['lut3_escape_rate']:.2f}%) | exp3 {r['exp3_bits']:.3f} b/w ({r['exp3_ratio']:.3f}x, "
         f"esc {100 * r['exp3_escape_rate']:.2f}%) | top7 esc {100 * r['top7_escape_rate']:.2f}% "
         f"{r['top7_bits_est']:.3f} b/w | exp4 esc {100 * r['exp4_escape_rate']:.3f}% {r['exp4_bits_est']:.3f} b/w "
         f"({16 / r['exp4_bits_est']:.3f}x) | bound {r['entropy_bound_bits']:.2f} b/w ({16 / r['entropy_bound_bits']:.3f}x)"
@@ -64,14 +71,16 @@ def main():
         cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "smollm2_135m.yaml")
         model = load_model(cfg).model
         mats = {n: t for n, t in model.state_dict().items() if t.dim() == 2 and t.dtype == torch.bfloat16}
-        nbytes = dense = 0
+        nbytes = dense = lut_bytes = 0
         for t in mats.values():
             p = encode(t.contiguous())
             nbytes, dense = nbytes + p.nbytes, dense + 2 * t.numel()
+            lut_bytes += lut3.encode(t.contiguous()).nbytes()
         for name in [n for n in mats if ".0." in n or "embed" in n]:
             show(name.removeprefix("model."), candidates(mats[name].contiguous()))
         print(
-            f"SmolLM2-135M all {len(mats)} matrices: exp3 ratio {dense / nbytes:.3f}x ({8 * nbytes / (dense / 2):.3f} b/w)"
+            f"SmolLM2-135M all {len(mats)} matrices: exp3 ratio {dense / nbytes:.3f}x ({8 * nbytes / (dense / 2):.3f} b/w), "
+            f"lut3 ratio {dense / lut_bytes:.3f}x ({8 * lut_bytes / (dense / 2):.3f} b/w)"
         )
 
 

@@ -40,6 +40,7 @@ TILE_ROWS = 16
 ITER_K = 64  # k per iteration: 4 mma k-steps of 16
 LANE_WEIGHTS = 32  # weights per lane per iteration
 ESCAPE = 7
+ESC_PAD = 8  # bytes after the escape list: the kernel reads its exponents in aligned 8-byte windows
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Lut3:
     shape: tuple[int, int]  # (N, K) of the original weight
     signman: torch.Tensor  # uint8 [tiles * iters * 32 * 32], stream order
     codes: torch.Tensor  # int32 [3, tiles * iters * 32]
-    esc_exp: torch.Tensor  # uint8 [n_escapes]
+    esc_exp: torch.Tensor  # uint8 [n_escapes + 8]: the kernel reads 8-byte windows, so 8 bytes of padding
     esc_off: torch.Tensor  # int32 [tiles * iters + 1]
     exponents: tuple[int, ...]  # 7 biased exponents, code c -> exponents[c]
 
@@ -67,7 +68,7 @@ class Lut3:
 
     @property
     def n_escapes(self) -> int:
-        return int(self.esc_exp.numel())
+        return int(self.esc_off[-1])
 
     def nbytes(self) -> int:
         """Every byte stored: planes, escape list, offsets, and the 7-byte table."""
@@ -152,7 +153,9 @@ def encode(weight: torch.Tensor) -> Lut3:
 
     ordr = _ESC_ORDER.to(dev)
     esc_mask = (code_s == ESCAPE)[..., ordr]  # [T, I, 32, 32] in escape order
-    esc_exp = exp_s[..., ordr][esc_mask].to(torch.uint8)
+    esc_exp = torch.cat(
+        [exp_s[..., ordr][esc_mask].to(torch.uint8), torch.zeros(ESC_PAD, dtype=torch.uint8, device=dev)]
+    )
     per_iter = esc_mask.reshape(tiles * iters, -1).sum(-1, dtype=torch.int64)
     esc_off = torch.zeros(tiles * iters + 1, dtype=torch.int64, device=dev)
     esc_off[1:] = torch.cumsum(per_iter, 0)
@@ -178,7 +181,7 @@ def decode(p: Lut3) -> torch.Tensor:
     exp = table[code]
     ordr = _ESC_ORDER.to(p.device)
     esc = exp[..., ordr]
-    esc[code[..., ordr] == ESCAPE] = p.esc_exp.to(torch.int64)
+    esc[code[..., ordr] == ESCAPE] = p.esc_exp[: p.n_escapes].to(torch.int64)
     exp[..., ordr] = esc
     sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 32)
     bits = ((sm & 0x80) << 8) | (exp << 7) | (sm & 0x7F)

@@ -126,6 +126,8 @@ def gemv(
     m, k = x2d.shape
     n = p.shape[0]
     _check(x2d, k)
+    if p.esc_exp.data_ptr() % 4 or p.signman.data_ptr() % 16 or p.codes.data_ptr() % 4:
+        raise ValueError("lut3 kernel: signman must be 16-byte aligned and codes/esc_exp 4-byte aligned")
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
     counter = counter if counter is not None else _scratch_counter(x2d.device)
     warps = warps or warps_per_tile(p.tiles, p.iters, m)

@@ -150,7 +150,8 @@ struct Gemv {
   // lane >> 4) adds x * w for every other escape of row r, into its own accumulator. Positions come from prefix
   // sums, never from atomics, so the order of every fp32 addition is fixed: the result is deterministic.
   // One warp scan over lanes (counts packed in 16-bit halves) gives each escape's index in the exponent list.
-  __device__ __forceinline__ void escapes(u32 ma, u32 mb, int it, size_t la) {
+  __device__ __forceinline__ void escapes(u32 ma, u32 mb, int it, size_t la, const uint4 (&wa)[2],
+                                          const uint4 (&wb)[2]) {
     const int na = __popc(ma), nb = __popc(mb);
     int excl = 0, tot = 0;
     if (FUSED) {
@@ -180,7 +181,7 @@ struct Gemv {
     // trip); more tokens: the buckets, unless a row overflows one
     const bool overflow = MT == 1 || __any_sync(0xffffffffu, (gtot & 0xFFFF) > BUCKET || (gtot >> 16) > BUCKET);
     if (overflow) {  // rare (escape-dense weights): every lane walks its own escapes
-      escapes_own(ma, mb, it, la, excl, tot);
+      escapes_own(ma, mb, it, la, excl, tot, wa, wb);
     } else {
       int plo = (gin - cnt2) & 0xFFFF, phi = (gin - cnt2) >> 16;
       const int qa = excl & 0xFFFF, qb = (tot & 0xFFFF) + (excl >> 16);
@@ -228,10 +229,20 @@ struct Gemv {
     if (FUSED) esc_pos += (tot & 0xFFFF) + (tot >> 16);
   }
 
-  // Fallback: each lane adds its own escapes (rows g, g + 8) in mask-bit order.
-  __device__ __forceinline__ void escapes_own(u32 ma, u32 mb, int it, size_t la, int excl, int tot) {
+  // Each lane adds its own escapes (rows g, g + 8) in mask-bit order: the path at one token, and the fallback.
+  // Nothing in the loop waits on memory but x (an L1 hit): the exponents are read before it, 8 bytes per
+  // iteration of the pair (more escapes than that in one lane take a load), and the sign+mantissa byte comes from
+  // the words already in registers (byte selects instead of a load).
+  __device__ __forceinline__ void escapes_own(u32 ma, u32 mb, int it, size_t la, int excl, int tot,
+                                              const uint4 (&wa)[2], const uint4 (&wb)[2]) {
     int pa = esc_pos + (excl & 0xFFFF), pb = esc_pos + (tot & 0xFFFF) + (excl >> 16);
-    const u8* smb_p = reinterpret_cast<const u8*>(sm) + la * 32;  // iteration it+1 is 32 lanes x 32 B further
+    const int a0 = pa & ~3, b0 = pb & ~3;  // esc_exp is padded by 8 bytes: these reads stay inside it
+    u64 ea = 0, eb = 0;
+    if (FUSED) {
+      const u32* ew = reinterpret_cast<const u32*>(esc_exp);
+      if (ma) ea = ((u64)__ldg(ew + (a0 >> 2) + 1) << 32) | __ldg(ew + (a0 >> 2));
+      if (mb) eb = ((u64)__ldg(ew + (b0 >> 2) + 1) << 32) | __ldg(ew + (b0 >> 2));
+    }
     const u16* raw_p = ref_raw + la * 32;
     const u16* xk = x + it * 64 + 2 * t;
     u32 ra = ma, rb = mb;
@@ -240,15 +251,19 @@ struct Gemv {
       const int b = __ffs(second ? rb : ra) - 1;
       ra = second ? ra : (ra & (ra - 1));
       rb = second ? (rb & (rb - 1)) : rb;
-      const int off = (second ? 1024 : 0) + 8 * (b & 3) + (b >> 2);
+      const int j = 8 * (b & 3) + (b >> 2);
       u32 wbits;
       if (FUSED) {
         const int p = second ? pb++ : pa++;
-        const u32 e = esc_exp[p];
-        const u32 smb = smb_p[off];
+        const int rel = p - (second ? b0 : a0);
+        const u32 e = rel < 8 ? (u32)((second ? eb : ea) >> (8 * rel)) & 0xFFu : (u32)esc_exp[p];
+        const uint4 lo = second ? wb[0] : wa[0], hi = second ? wb[1] : wa[1];  // bytes 0-15, 16-31
+        const uint4 h = (j & 16) ? hi : lo;
+        const u32 w01 = (j & 4) ? h.y : h.x, w23 = (j & 4) ? h.w : h.z;
+        const u32 smb = __byte_perm((j & 8) ? w23 : w01, 0u, (u32)(j & 3));
         wbits = ((smb & 0x80u) << 24) | (e << 23) | ((smb & 0x7Fu) << 16);
       } else {
-        wbits = ((u32)raw_p[off]) << 16;
+        wbits = ((u32)raw_p[(second ? 1024 : 0) + j]) << 16;
       }
       const float w = __uint_as_float(wbits);
       const int kofs = (second ? 64 : 0) + 16 * (b & 3) + ((b >> 2) & 1) + 8 * (b >> 4);
@@ -300,13 +315,15 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   for (int it = it0; it < it1; it += 2) {
     const size_t la = l0 + (size_t)(it - it0) * 32, lb = la + 32;
     if (it + 1 < it1) load_iter<FUSED>(b, lb, lanes_total, sm_stream, codes, ref_main, ref_mask);
+    const uint4 wa[2] = {a.s0, a.s1};
     const u32 ma = G.step(a, it);
     u32 mb = 0;
     if (it + 1 < it1) {
       if (it + 2 < it1) load_iter<FUSED>(a, lb + 32, lanes_total, sm_stream, codes, ref_main, ref_mask);
       mb = G.step(b, it + 1);
     }
-    G.escapes(ma, mb, it, la);
+    const uint4 wb[2] = {b.s0, b.s1};
+    G.escapes(ma, mb, it, la, wa, wb);
   }
   float* c = G.c;
 #pragma unroll
