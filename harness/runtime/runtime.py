@@ -275,7 +275,7 @@ def compress_model(
     """
     check_placement(placement, codec)
     if selection is None:
-        selection = select_layers(model, **select_kwargs)
+        selection = select_layers(model, refuse=codec.refuse, **select_kwargs)
     device = next((cand.module.weight.device for cand in selection.chosen), torch.device("cpu"))
     runtime = CompressedRuntime(codec, verify=verify, device=device)
     conv1d = type(None)
