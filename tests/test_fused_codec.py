@@ -54,13 +54,14 @@ def test_artifact_cache_stores_and_reloads_it(tmp_path):
     for _ in range(2):
         model = copy.deepcopy(loaded.model)
         runtimes.append(compress_cached(model, make_codec("fused_lut3"), cache, identity, layers="all",
-                                        policy="none", progress=False))  # fmt: skip
+                                        policy="fused", progress=False))  # fmt: skip
     miss, hit = runtimes
     assert miss.report.artifact_cache_hit is False and hit.report.artifact_cache_hit is True
     assert len(hit.layers) == 15 and hit.report.compressed_bytes == miss.report.compressed_bytes
     for a, b in zip(miss.layers, hit.layers, strict=True):
         assert a.ct.header() == b.ct.header() and torch.equal(a.ct.payload, b.ct.payload)
         assert torch.equal(hit.codec.decode(b.ct), miss.codec.decode(a.ct))
+    assert hit.lossless() == {"weights_lossless": True, "weights_checked_layers": 15}  # checked after the load
     for runtime in runtimes:
         runtime.close()
 

@@ -45,7 +45,7 @@ class PhaseResult:
         out: dict[str, Any] = {"forward_passes": self.record.forward_passes[self.timed[-1]], "counts_consistent": len(passes) == 1}
         if self.record.runtime_stats:
             stats = [self.record.runtime_stats[i] for i in self.timed]
-            keys = ("decompressions", "decompressions_per_layer")
+            keys = ("decompressions", "decompressions_per_layer", "in_kernel_decodes_per_layer")
             out["counts_consistent"] &= all(s[k] == stats[-1][k] for s in stats for k in keys)
             out.update(stats[-1])
         return out
