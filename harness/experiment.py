@@ -22,6 +22,7 @@ from harness.artifacts import artifact_cache, compress_cached, model_identity
 from harness.codecs import CODECS, make_codec
 from harness.codecs.base import dtype_name
 from harness.errors import HarnessError
+from harness.exactness import exactness_reference
 from harness.fidelity import bundled_tasks, per_sample_table
 from harness.fidelity import compare as compare_fidelity
 from harness.models import load_model, parse_dtype, resolve_device
@@ -315,17 +316,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         )
         module.runtime = runtime
         compressed = run_phase("compressed", module, make_callbacks(cfg), **phase_kwargs)
+        lossless = runtime.lossless()
         results.update(  # the unpaired comparison first: if the rounds fail, the phases are still there
             compressed={**compressed.as_dict(), **runtime.report.as_dict()},
-            comparison=compare(baseline, compressed),
+            comparison={**compare(baseline, compressed), **lossless, "exactness_reference": None},
             layers=runtime.layer_table(),
         )
         paired = paired_rounds(cfg, loaded, module, runtime, lambda: make_callbacks(cfg))
-        results.update(rounds=paired.as_dict(), comparison={
+        rounds_comparison = {
             **compare(baseline, compressed, paired.ratio),
+            **lossless,
+            "exactness_reference": None,
             "rounds_mechanism": paired.mechanism,
             "rounds_outputs_match": all(paired.exact.values()),
-        })
+        }
+        results.update(rounds=paired.as_dict(), comparison=rounds_comparison)
+        # After the timed work: the reference run builds its own inputs (and, compiled, its own graphs).
+        reference = exactness_reference(module, runtime, list(cfg.generate.prompts), compressed.generation)
+        if reference is not None:
+            results.update(comparison={**rounds_comparison, "exactness_reference": reference})
         if cfg.eval.name == "fidelity":
             compressed_eval = evaluate_counted(cfg, loaded, runtime=runtime)
             fidelity = compare_fidelity(baseline_eval["tasks"], compressed_eval["tasks"])

@@ -14,9 +14,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness.codecs import make_codec
 from harness.errors import HarnessError
+from harness.exactness import exactness_reference, token_agreement
 from harness.generation import greedy_generate
 from harness.models import tiny_llama
 from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
+from harness.runner.module import GenerationModule
 from harness.runtime import compress_model
 from harness.runtime.fused import check_setup
 from harness.runtime.stats import Stats
@@ -60,6 +62,9 @@ def test_outputs_equal_dense_with_exact_counts(dense):
         )
         largest = max(layer.weight_nbytes for layer in runtime.layers)
         assert s["peak_resident_decompressed_bytes"] == largest  # one layer's weight at a time
+    module = GenerationModule(model, loaded.tokenizer, NEW, NEW)
+    assert exactness_reference(module, runtime, PROMPTS, out) is None  # no kernel of its own on the CPU
+    module.close()
     runtime.close()
 
 
@@ -115,6 +120,13 @@ def test_in_kernel_counts_land_in_their_passes():
         stats.add_in_kernel([[0, 0]] * 4, layers, tiles=[4, 17])
 
 
+def test_token_agreement():
+    assert token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == 1.0
+    assert token_agreement([[1, 2, 3, 4]], [[1, 9, 3, 4]]) == 0.75  # position by position
+    assert token_agreement([[1, 2, 3, 4]], [[1, 2]]) == 0.5  # a missing token is a difference
+    assert token_agreement([[]], [[]]) is None
+
+
 def test_what_it_cannot_run_is_refused(dense):
     loaded, _ = dense
     with pytest.raises(HarnessError, match="cache=fused .* needs compress.codec=fused_lut3, not zstd_grouped"):
@@ -144,7 +156,10 @@ def test_cli_run_on_the_cpu(harness_cli, tmp_path):
     comp, cmp_ = res["compressed"], res["comparison"]
     assert res["status"] == "completed" and comp["layers_compressed"] == LAYERS
     assert comp["decompressions_per_pass"] == [LAYERS] * 4 and comp["in_kernel_decodes"] == 0
-    assert cmp_["outputs_match"] is True and cmp_["max_abs_logit_diff"] == 0
+    assert cmp_["outputs_match"] is True and cmp_["max_abs_logit_diff"] == 0 and cmp_["token_agreement"] == 1.0
+    assert cmp_["weights_lossless"] is True and cmp_["weights_checked_layers"] == LAYERS
+    assert cmp_["exactness_reference"] is None  # CPU: no kernel of its own
+    assert "weights lossless            ✓  (15/15 layers" in proc.stdout and "token agreement" in proc.stdout
 
 
 def test_cli_refuses_a_non_bf16_model_in_one_line(harness_cli, tmp_path):
