@@ -217,7 +217,7 @@ def compress_cached(
     compressed and stored. The report's compress_time_s is then the whole wait (hash + load, or hash + compress +
     store), artifact_time_s the cache's share of it, artifact_cache_hit None when no cache is used."""
     if selection is None:
-        selection = select_layers(model, layers, order, include, exclude, embeddings)
+        selection = select_layers(model, layers, order, include, exclude, embeddings, refuse=codec.refuse)
     if cache is None or not selection.chosen:
         return compress_model(model, codec, selection=selection, **compress_kwargs)
     start = time.perf_counter()

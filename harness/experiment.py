@@ -20,10 +20,12 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 
 from harness.artifacts import artifact_cache, compress_cached, model_identity
 from harness.codecs import CODECS, make_codec
+from harness.codecs.base import dtype_name
 from harness.errors import HarnessError
+from harness.exactness import exactness_reference
 from harness.fidelity import bundled_tasks, per_sample_table
 from harness.fidelity import compare as compare_fidelity
-from harness.models import load_model, resolve_device
+from harness.models import load_model, parse_dtype, resolve_device
 from harness.results import ResultsFile, summary_table
 from harness.runner.callbacks import REQUIRED
 from harness.runner.compiled import release_compiled
@@ -31,6 +33,8 @@ from harness.runner.module import GenerationModule
 from harness.runner.paired import SAME_MODEL, TWO_MODELS, PairedRounds, dense_twin, rounds_warmup, run_rounds
 from harness.runner.phase import compare, run_phase
 from harness.runtime import CAPTURED_POLICIES, POLICIES
+from harness.runtime.fused import check_setup as check_fused
+from harness.runtime.fused import refuse_transposed
 from harness.runtime.runtime import VERIFY_MODES, CompressedRuntime, check_placement
 from harness.selection import ORDERS, Selection, _parse_count, select_layers
 from harness.tracking import make_tracker
@@ -47,11 +51,14 @@ def validate(cfg: DictConfig) -> None:
         raise HarnessError(f"compress.verify={cfg.compress.verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
     if not isinstance(cfg.compress.get("embeddings", False), bool):
         raise HarnessError(f"compress.embeddings={cfg.compress.embeddings!r} is invalid; use true or false")
+    device = resolve_device(cfg.device)  # first: device=cuda without CUDA is the error to see, not its consequences
     codec = make_codec(cfg.compress.codec, **codec_options(cfg))
+    check_dtype(codec, parse_dtype(cfg.model.get("dtype", "auto")))
     check_placement(cfg.compress.placement, codec)
-    if codec.decode_device == "cuda" and resolve_device(cfg.device).type != "cuda":
+    if codec.decode_device == "cuda" and device.type != "cuda":
         raise HarnessError(f"compress.codec={codec.name} decodes on the GPU but device={cfg.device}; use device=cuda")
-    POLICIES.get(cfg.cache.name)
+    if POLICIES.get(cfg.cache.name).computes_linear:
+        check_fused(codec.name, cfg.compress.placement, device, bool(cfg.compress.get("embeddings", False)))
     if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
         raise HarnessError(f"cache.budget_mb={cfg.cache.budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
     compile_ = validate_compile(cfg, codec)
@@ -100,6 +107,8 @@ def validate_compile(cfg: DictConfig, codec) -> bool:
     supported = ", ".join(CAPTURED_POLICIES.names())
     if cfg.cache.name not in CAPTURED_POLICIES:
         raise HarnessError(f"cache={cfg.cache.name} has no compiled form; with generate.compile=true use cache={supported}")
+    if CAPTURED_POLICIES.get(cfg.cache.name).computes_linear:
+        return True  # its own kernel, not the codec's decode, runs in the graphs: validate checked what it needs
     if resolve_device(cfg.device).type == "cuda" and (not codec.capturable or cfg.compress.placement != "gpu"):
         capturable = ", ".join(n for n in CODECS.names() if CODECS.get(n).capturable)
         raise HarnessError(
@@ -107,6 +116,14 @@ def validate_compile(cfg: DictConfig, codec) -> bool:
             f"not {cfg.compress.codec} with placement={cfg.compress.placement}; CPU codecs run eagerly"
         )
     return True
+
+
+def check_dtype(codec, dtype: torch.dtype | str) -> None:
+    """A codec that stores some dtypes only refuses a model of another, before it loads (dtype=auto: after)."""
+    if codec.dtypes is not None and dtype != "auto" and dtype not in codec.dtypes:
+        names = ", ".join(dtype_name(d) for d in codec.dtypes)
+        raise HarnessError(f"compress.codec={codec.name} stores {names} weights only, not {dtype_name(dtype)}; "
+                           f"use model.dtype={dtype_name(codec.dtypes[0])}")  # fmt: skip
 
 
 def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -135,7 +152,10 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def check_loaded(cfg: DictConfig, model) -> Selection:
     """What needs the loaded model, checked before any phase runs: the layer count and the include/exclude
     patterns (by selecting the layers, once; the compression reuses this selection) and the lru budget against
-    the largest selected layer."""
+    the largest selected layer; the model's dtype and each layer's shape against the codec (a weight the codec
+    cannot store is skipped with its reason)."""
+    codec = CODECS.get(cfg.compress.codec)
+    check_dtype(codec, model.dtype)
     selection = select_layers(
         model,
         cfg.compress.layers,
@@ -143,7 +163,11 @@ def check_loaded(cfg: DictConfig, model) -> Selection:
         cfg.compress.include,
         cfg.compress.exclude,
         bool(cfg.compress.get("embeddings", False)),
+        refuse=codec.refuse,
     )
+    if POLICIES.get(cfg.cache.name).computes_linear:  # a Conv1D (GPT-2) is neither: it stores W.T
+        dense_kinds = torch.nn.Linear | torch.nn.Embedding
+        refuse_transposed([c.name for c in selection.chosen if not isinstance(c.module, dense_kinds)])
     if cfg.cache.name == "lru":
         # The policy keeps decompressed linear weights only (embeddings decode rows): the same rule it applies.
         linear = [c for c in selection.chosen if not isinstance(c.module, torch.nn.Embedding)]
@@ -292,17 +316,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
         )
         module.runtime = runtime
         compressed = run_phase("compressed", module, make_callbacks(cfg), **phase_kwargs)
+        lossless = runtime.lossless()
         results.update(  # the unpaired comparison first: if the rounds fail, the phases are still there
             compressed={**compressed.as_dict(), **runtime.report.as_dict()},
-            comparison=compare(baseline, compressed),
+            comparison={**compare(baseline, compressed), **lossless, "exactness_reference": None},
             layers=runtime.layer_table(),
         )
         paired = paired_rounds(cfg, loaded, module, runtime, lambda: make_callbacks(cfg))
-        results.update(rounds=paired.as_dict(), comparison={
+        rounds_comparison = {
             **compare(baseline, compressed, paired.ratio),
+            **lossless,
+            "exactness_reference": None,
             "rounds_mechanism": paired.mechanism,
             "rounds_outputs_match": all(paired.exact.values()),
-        })
+        }
+        results.update(rounds=paired.as_dict(), comparison=rounds_comparison)
+        # After the timed work: the reference run builds its own inputs (and, compiled, its own graphs).
+        reference = exactness_reference(module, runtime, list(cfg.generate.prompts), compressed.generation)
+        if reference is not None:
+            results.update(comparison={**rounds_comparison, "exactness_reference": reference})
         if cfg.eval.name == "fidelity":
             compressed_eval = evaluate_counted(cfg, loaded, runtime=runtime)
             fidelity = compare_fidelity(baseline_eval["tasks"], compressed_eval["tasks"])

@@ -58,6 +58,25 @@ def speed_ratio_text(cmp_: dict[str, Any], rounds: dict[str, Any] | None) -> str
     return f"{ratio:.3f}x  (IQR {q1:.3f}-{q3:.3f}, {cmp_['rounds']} paired rounds{how})"
 
 
+def exactness_lines(cmp_: dict[str, Any], comp: dict[str, Any], w: int) -> list[str]:
+    """Weights lossless, token agreement, exactness reference (README: "Reading the results"); a results.json
+    written before these existed has none of them, and prints none."""
+    lines = []
+    if "weights_lossless" in cmp_:
+        checked = f"{cmp_.get('weights_checked_layers')}/{comp.get('layers_compressed', '?')} layers"
+        verdict = "✓" if cmp_["weights_lossless"] else "not established"
+        lines.append(f"{'weights lossless':<{w}}{verdict}  ({checked} decoded and checked against the originals)")
+    if cmp_.get("token_agreement") is not None:
+        lines.append(f"{'token agreement':<{w}}{cmp_['token_agreement']:.1%}  (greedy tokens equal to baseline's)")
+    if "exactness_reference" in cmp_:
+        ref = cmp_["exactness_reference"]
+        text = {True: "✓  (same kernel on the uncompressed weights: logits bit-identical)",
+                False: "✗  (same kernel on the uncompressed weights: logits DIFFER)",
+                None: "n/a  (no fused kernel ran: nothing to compare it with)"}[ref]
+        lines.append(f"{'exactness reference':<{w}}{text}")
+    return lines
+
+
 def summary_table(results: dict[str, Any]) -> str:
     """The prototype's RESULTS SUMMARY, side by side, every figure with its unit."""
     cfg, base, comp = results["config"], results.get("baseline"), results.get("compressed")
@@ -94,6 +113,9 @@ def summary_table(results: dict[str, Any]) -> str:
     row("decompressions / pass", "decompressions_per_forward_pass", lambda v: f"{v:.1f}")
     row("decompress time", "decompress_time_s", lambda v: f"{v:.3f} s")
     row("peak decompressed resident", "peak_resident_decompressed_bytes", _mb)
+    if (comp or {}).get("in_kernel_decodes"):  # cache=fused: layers the kernel decoded in registers, never written
+        row("decoded in-kernel / pass", "in_kernel_decodes_per_forward_pass", lambda v: f"{v:.1f} layers")
+        row("tiles decoded in-kernel", "in_kernel_tiles", lambda v: f"{v:,}")
 
     c = cfg.get("compress", {})
     codec = str(c.get("codec"))
@@ -124,6 +146,7 @@ def summary_table(results: dict[str, Any]) -> str:
             f"{'outputs match':<{w}}{mark}  (token ids {'equal' if cmp_['token_ids_match'] else 'DIFFER'}, "
             f"logits {'bit-identical' if cmp_['logits_equal'] else 'DIFFER'}, max |dlogit| {diff if diff is not None else 'n/a'})"
         )
+        lines += exactness_lines(cmp_, comp or {}, w)
     fid = results.get("fidelity")
     if fid:
         lines.append(f"{'fidelity (lm-eval)':<{w}}{fid['verdict']}")

@@ -4,9 +4,10 @@ optionally every (untied) embedding table as well."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from harness.errors import HarnessError
@@ -89,6 +90,11 @@ def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern
     return out
 
 
+def _refused(refuse: Callable[[tuple[int, ...], torch.dtype], str | None] | None, weight) -> str | None:
+    # A Conv1D (GPT-2) stores [in, out]; the codec sees the weight as stored, which is what it would encode.
+    return refuse(tuple(weight.shape), weight.dtype) if refuse is not None else None
+
+
 def select_layers(
     model: nn.Module,
     layers: int | str = "all",
@@ -96,10 +102,12 @@ def select_layers(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     embeddings: bool = False,
+    refuse: Callable[[tuple[int, ...], torch.dtype], str | None] | None = None,
 ) -> Selection:
     """`layers` linear layers (a count or all) in `order`, then, with `embeddings`, every nn.Embedding whose
     table is not shared with another module (a tied input embedding is skipped with the reason). Embeddings do
-    not take places in the count; they add to both X and Y of "X/Y"."""
+    not take places in the count; they add to both X and Y of "X/Y". `refuse` (the codec's `Codec.refuse`) says
+    why a weight cannot be stored: such a layer is skipped with that reason before counting, as a tied one is."""
     if order not in ORDERS:
         raise HarnessError(f"compress.order={order!r} is invalid; valid: {', '.join(ORDERS)}")
     count = _parse_count(layers)
@@ -128,12 +136,17 @@ def select_layers(
             continue
         if exc and any(p.search(name) for p in exc):
             continue
+        why = _refused(refuse, module.weight)
+        if why:
+            skipped[name] = why
+            continue
         eligible.append(Candidate(name, module))
 
     if count is None:
         count = len(eligible)
     if count > len(eligible):
-        why = f" ({len(skipped)} tied layer(s) skipped)" if skipped else ""
+        first = next(iter(skipped.items()), None)
+        why = f" ({len(skipped)} skipped, e.g. {first[0]}: {first[1]})" if first else ""
         raise HarnessError(
             f"compress.layers={count} but only {len(eligible)} of {len(all_linear)} linear layers are eligible{why}; "
             f"use at most {len(eligible)} or 'all'"
@@ -161,5 +174,8 @@ def select_layers(
             elif module.max_norm is not None:
                 skipped[name] = "embedding with max_norm (its lookup rewrites the table)"
             elif (not inc or any(p.search(name) for p in inc)) and not (exc and any(p.search(name) for p in exc)):
-                chosen.append(Candidate(name, module))
+                if why := _refused(refuse, module.weight):
+                    skipped[name] = why
+                else:
+                    chosen.append(Candidate(name, module))
     return Selection(chosen=chosen, total=total, skipped=skipped)

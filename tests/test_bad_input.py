@@ -40,6 +40,14 @@ CASES = {
     "compile_with_verify_always": (["generate.compile=true", "compress.verify=always"], "verify=always cannot run", False),
     "compile_with_block_ahead": (["generate.compile=true", "cache=block", "cache.ahead=1"], "cache.ahead=1 has no compiled", False),
     "compile_not_a_bool": (["generate.compile=maybe"], "generate.compile='maybe' is invalid", False),
+    "fused_with_another_codec": (["cache=fused"], "cache=fused multiplies lut3 weights in its kernel: it needs "
+                                 "compress.codec=fused_lut3, not zstd_grouped", False),
+    "fused_compiled_with_another_codec": (["cache=fused", "generate.compile=true", "compress.codec=zstd"],
+                                          "it needs compress.codec=fused_lut3, not zstd", False),
+    "fused_with_embeddings": (["cache=fused", "compress.codec=fused_lut3", "compress.embeddings=true"],
+                              "cache=fused serves linear layers only", False),
+    "lut3_with_a_float32_model": (["compress.codec=fused_lut3", "model.dtype=float32"],
+                                  "compress.codec=fused_lut3 stores bfloat16 weights only, not float32", False),
 }
 
 

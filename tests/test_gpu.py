@@ -279,3 +279,125 @@ def test_compiled_capturable_decode_replays_bit_exact_on_cuda(policy):
     assert compile_mode(torch.device("cuda")) == "cudagraphs"
     rt.close()
     release_compiled(model)
+
+
+# -- fused_lut3 + cache=fused: the lut3 kernel multiplies with the weights it decodes in registers (issue 12) -------
+def _lut3_llama(arch: str):
+    """The tiny Llama (K = 64, 128: one k-iteration per warp), or one wide enough for split-K (K = 256, 512)."""
+    wide = dict(hidden_size=256, intermediate_size=512) if arch == "wide" else {}
+    return tiny_llama(seed=0, device="cuda", **wide)
+
+
+def _fused(loaded, captured=False):
+    model = copy.deepcopy(loaded.model)
+    runtime = compress_model(model, make_codec("fused_lut3"), policy="fused", placement="gpu", layers="all",
+                             captured=captured, progress=False)  # fmt: skip
+    return model, runtime
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("shape", [(16, 64), (259, 64), (4096, 4096), (1000, 14336)])
+def test_lut3_decode_gpu_is_bit_exact(shape):
+    """The kernel's decode written out equals W bit for bit; the GPU encoder writes the CPU encoder's bytes."""
+    from harness.fused import lut3_cuda
+
+    g = torch.Generator().manual_seed(shape[0])
+    w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    codec = make_codec("fused_lut3")
+    ct_cpu, ct_gpu = codec.encode(w), codec.encode(w.cuda())
+    assert ct_gpu.payload.is_cuda and torch.equal(ct_gpu.payload.cpu(), ct_cpu.payload) and ct_gpu.meta == ct_cpu.meta
+    assert torch.equal(lut3_cuda.decode_gpu(codec.packed(ct_gpu)).cpu().view(torch.int16), w.view(torch.int16))
+    assert torch.equal(codec.decode(ct_cpu).cpu().view(torch.int16), w.view(torch.int16))  # bytes in host memory
+
+
+@pytest.mark.gpu
+@cuda
+def test_lut3_decode_gpu_keeps_every_bit_pattern():
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(512, 128)
+    codec = make_codec("fused_lut3")
+    assert torch.equal(codec.decode(codec.encode(every.cuda())).cpu().view(torch.int16), every.view(torch.int16))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("arch", ["tiny", "wide"])
+@pytest.mark.parametrize("prompts", [["The capital of France is", "Lossless"], ["Hi"]])
+def test_fused_policy_equals_its_reference_with_exact_counts_on_cuda(arch, prompts):
+    """Decode steps (<= 8 tokens) in the kernel, a longer prefill decoded + F.linear; logits torch.equal to the
+    same kernel fed the uncompressed weights; counts exact per pass; close to dense (the kernel's arithmetic)."""
+    from harness.exactness import exactness_reference
+    from harness.runner.module import GenerationModule
+
+    loaded, n = _lut3_llama(arch), 6
+    dense = greedy_generate(loaded.model, loaded.tokenizer, prompts, n, n)
+    model, runtime = _fused(loaded)
+    assert runtime.lossless() == {"weights_lossless": True, "weights_checked_layers": len(runtime.layers)}
+    layers = len(runtime.layers)
+    tiles = sum(-(-layer.out_features // 16) for layer in runtime.layers)
+    long_prefill = len(loaded.tokenizer(prompts, padding=True)["input_ids"][0]) * len(prompts) > 8
+    for _ in range(2):
+        runtime.reset_stats()
+        out = greedy_generate(model, loaded.tokenizer, prompts, n, n)
+        runtime.end_generation()
+        s = runtime.stats.snapshot()
+        in_kernel = [0] + [layers] * (n - 1) if long_prefill else [layers] * n
+        assert s["in_kernel_decodes_per_pass"] == in_kernel and s["in_kernel_tiles"] == tiles * sum(in_kernel) // layers
+        assert s["decompressions_per_pass"] == [layers if k == 0 else 0 for k in in_kernel]
+        assert s["in_kernel_decodes_per_layer"] == {layer.name: sum(in_kernel) // layers for layer in runtime.layers}
+    with runtime.policy.reference():
+        reference = greedy_generate(model, loaded.tokenizer, prompts, n, n)
+    assert torch.equal(out.logits, reference.logits)
+    module = GenerationModule(model, loaded.tokenizer, n, n)
+    assert exactness_reference(module, runtime, prompts, out) is True
+    module.close()
+    if long_prefill:  # the prefill is dense arithmetic on the decoded weights: bit-identical
+        assert torch.equal(out.logits[0], dense.logits[0])
+    step = 1 if long_prefill else 0  # the first in-kernel step, from the same context as dense
+    diff = (out.logits[step].float() - dense.logits[step].float()).abs().max()
+    assert diff <= 0.05 * dense.logits[step].float().abs().max()  # a wrong decode or layout would be O(1)
+    runtime.close()
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_compiled_replays_with_exact_counts_and_its_reference_on_cuda():
+    """generate.compile=true: the op is captured in the CUDA graphs; counts exact from the device counters, logits
+    torch.equal to the compiled reference run."""
+    from harness.exactness import exactness_reference
+    from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
+    from harness.runner.module import GenerationModule
+
+    loaded, prompts, n = _lut3_llama("wide"), ["The capital of France is"], 6
+    model, runtime = _fused(loaded, captured=True)
+    layers = len(runtime.layers)
+    reset_compile_counters()
+    for _ in range(3):
+        runtime.reset_stats()
+        out = greedy_generate(model, loaded.tokenizer, prompts, n, min_new_tokens=n, compile=True)
+        runtime.end_generation()
+        s = runtime.stats.snapshot()
+        assert s["in_kernel_decodes_per_pass"] == [0] + [layers] * (n - 1)  # the eager prefill decodes instead
+        assert s["decompressions_per_pass"] == [layers] + [0] * (n - 1)
+    assert compile_mode(torch.device("cuda")) == "cudagraphs"
+    module = GenerationModule(model, loaded.tokenizer, n, n, compile=True)
+    assert exactness_reference(module, runtime, prompts, out) is True
+    module.close()
+    runtime.close()
+    release_compiled(model)
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_experiment_runs_compiled_end_to_end(harness_cli, tmp_path):
+    import json
+
+    proc = harness_cli(["experiment=fused", "model=tiny", "generate.compile=true", "logger=none", "generate.repeats=2",
+                        "generate.max_new_tokens=6", "generate.min_new_tokens=6", f"hydra.run.dir={tmp_path}",
+                        f"compress.cache_dir={tmp_path / 'art'}"], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    comp, cmp_ = res["compressed"], res["comparison"]
+    assert comp["compile"] == "cudagraphs" and comp["in_kernel_decodes_per_pass"] == [0] + [15] * 5
+    assert cmp_["weights_lossless"] is True and cmp_["exactness_reference"] is True
+    assert 0 < cmp_["token_agreement"] <= 1 and "exactness reference         ✓" in proc.stdout

@@ -400,7 +400,7 @@ def test_wandb_online_without_credentials_warns_and_completes(tmp_path):
 
 
 BAD_INPUT = {
-    "unknown_group_option": (["cache=lru2"], "unknown cache option 'lru2'; valid: block, full, lru, none, per_forward_pass, "
+    "unknown_group_option": (["cache=lru2"], "unknown cache option 'lru2'; valid: block, full, fused, lru, none, per_forward_pass, "
                              "prefetch. Did you mean 'lru'?"),
     "unknown_policy": (["cache.name=lru2"], "unknown cache policy 'lru2'"),
     "negative_budget": (["cache=lru", "cache.budget_mb=-5"], "cache.budget_mb=-5 is invalid"),

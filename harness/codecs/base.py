@@ -133,6 +133,14 @@ class Codec(ABC):
     # prepare_group's decodes are pure asynchronous launches on the current stream (no allocation, no host sync,
     # no table building): safe inside torch.compile'd code and CUDA-graph capture.
     capturable: ClassVar[bool] = False
+    # The weight dtypes the codec stores (None: any), so that a model of another dtype is refused before it loads.
+    dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
+
+    @classmethod
+    def refuse(cls, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+        """Why a weight of this shape and dtype cannot be stored (one line), or None. Layer selection skips a
+        refused layer with this reason, as it skips a tied one."""
+        return None
 
     @abstractmethod
     def encode(self, t: torch.Tensor) -> CompressedTensor: ...

@@ -45,6 +45,10 @@ COLUMNS = [
     "decompressions",
     "decompressions_per_forward_pass",
     "outputs_match",
+    "token_agreement",
+    "max_abs_logit_diff",
+    "weights_lossless",
+    "exactness_reference",
     "fidelity",
 ]
 
@@ -111,6 +115,11 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "decompressions": comp.get("decompressions"),
         "decompressions_per_forward_pass": comp.get("decompressions_per_forward_pass"),
         "outputs_match": cmp.get("outputs_match"),
+        # honest exactness (README "Reading the results"); absent before issue 12: None
+        "token_agreement": cmp.get("token_agreement"),
+        "max_abs_logit_diff": cmp.get("max_abs_logit_diff"),
+        "weights_lossless": cmp.get("weights_lossless"),
+        "exactness_reference": cmp.get("exactness_reference"),
         "fidelity": _get(results, "fidelity", "verdict"),
     }
 

@@ -57,7 +57,10 @@ DISPLAY: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("fwd passes", lambda r: r["forward_passes"]),
     ("decomps", lambda r: r["decompressions"]),
     ("decomps / pass", lambda r: _opt(_num(".3g"), r["decompressions_per_forward_pass"])),
-    ("outputs match", lambda r: None if r["outputs_match"] is None else "yes" if r["outputs_match"] else "NO"),
+    ("outputs match", lambda r: _yes_no(r["outputs_match"])),
+    ("token agreement", lambda r: _opt(_num(".1%"), r["token_agreement"])),
+    ("lossless", lambda r: _yes_no(r["weights_lossless"])),
+    ("exact vs reference", lambda r: _yes_no(r["exactness_reference"])),
     ("fidelity", lambda r: r["fidelity"]),
 ]
 
@@ -68,6 +71,10 @@ def _speed(r: dict[str, Any]) -> str | None:
     if not isinstance(ratio, int | float):
         return None
     return f"{ratio:.2f} [{q1:.2f}-{q3:.2f}]" if isinstance(q1, int | float) and isinstance(q3, int | float) else f"{ratio:.2f}"
+
+
+def _yes_no(v: bool | None) -> str | None:
+    return None if v is None else "yes" if v else "NO"
 
 
 def _opt(fmt: Callable[[Any], str], v: Any) -> str | None:

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from harness.exactness import token_agreement
 from harness.generation import Generation
 from harness.measure import MemoryReading, model_weight_bytes, spread
 from harness.rounds import Timing, host_overhead
@@ -45,7 +46,7 @@ class PhaseResult:
         out: dict[str, Any] = {"forward_passes": self.record.forward_passes[self.timed[-1]], "counts_consistent": len(passes) == 1}
         if self.record.runtime_stats:
             stats = [self.record.runtime_stats[i] for i in self.timed]
-            keys = ("decompressions", "decompressions_per_layer")
+            keys = ("decompressions", "decompressions_per_layer", "in_kernel_decodes_per_layer")
             out["counts_consistent"] &= all(s[k] == stats[-1][k] for s in stats for k in keys)
             out.update(stats[-1])
         return out
@@ -141,6 +142,7 @@ def compare(baseline: PhaseResult, compressed: PhaseResult, paired: dict[str, An
         "peak_memory_ratio": compressed.memory.peak_bytes / baseline.memory.peak_bytes,
         "weights_bytes_ratio": compressed.weights_bytes / baseline.weights_bytes,
         "token_ids_match": tokens_match,
+        "token_agreement": token_agreement(a.new_token_ids, b.new_token_ids),
         "logits_equal": bool(same_shape and torch.equal(a.logits, b.logits)),
         "outputs_match": bool(tokens_match and same_shape and torch.equal(a.logits, b.logits)),
         "max_abs_logit_diff": diff,

@@ -1,6 +1,6 @@
 """Runtime: compressed linear layers served through a cache policy (and embedding lookups), with exact counters."""
 
-from harness.runtime import block, captured, policies  # noqa: F401  (register the cache policies)
+from harness.runtime import block, captured, fused, policies  # noqa: F401  (register the cache policies)
 from harness.runtime.embedding import CompressedEmbedding
 from harness.runtime.layer import CompressedLinear
 from harness.runtime.policy import CAPTURED_POLICIES, POLICIES, CachePolicy, make_policy

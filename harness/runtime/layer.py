@@ -43,6 +43,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         policy = self.runtime.policy
+        if policy.computes_linear:  # the policy's kernel multiplies with the compressed weight (cache=fused)
+            return policy.linear(self, x)
         if policy.capturable:  # traceable: a view of the policy's scratch, decoded by an opaque op
             return self._apply(x, policy.weight(self, x))
         w = policy.acquire(self, x.device)

@@ -9,6 +9,9 @@ Decompression itself (and its exact accounting) is the runtime's `decompress` / 
 
 A `capturable` policy (captured.py, for generate.compile=true) replaces acquire/release with `weight(layer, x)`,
 built only from operations that torch.compile can trace and a CUDA graph can replay.
+
+A policy that `computes_linear` (fused.py) replaces the whole layer: `linear(layer, x)` returns its output, from
+a kernel that multiplies with the compressed weight itself.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ POLICIES: Registry[type[CachePolicy]] = Registry("cache policy")
 class CachePolicy:
     name: ClassVar[str]
     capturable: ClassVar[bool] = False
+    computes_linear: ClassVar[bool] = False
 
     def __init__(self, runtime: CompressedRuntime) -> None:
         self.runtime = runtime
@@ -39,6 +43,9 @@ class CachePolicy:
 
     def release(self, layer: CompressedLinear, weight: torch.Tensor) -> None:
         pass
+
+    def linear(self, layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def begin_pass(self) -> None:
         pass

@@ -166,6 +166,26 @@ class CompressedRuntime:
             self._verified.add(layer.index)
             self.stats.verifications += 1
 
+    def verify_decodes(self, layers: list[CompressedLinear | CompressedEmbedding]) -> None:
+        """Decode each layer that needs verifying once, outside any pass, and check it against its original's
+        checksum: for a policy whose forward never decodes a weight (cache=fused's kernel), this is the check
+        that verify=first otherwise makes at each layer's first decode. Nothing is counted as a decompression."""
+        for layer in layers:
+            if self.needs_verify(layer):
+                with self._corruption_named(layer.name):
+                    w = self.codec.decode(layer.ct)
+                self._verify(layer, w)
+                del w  # one layer's dense weight alive at a time
+
+    def lossless(self) -> dict[str, Any]:
+        """What this run has shown about the weights: `weights_lossless` is True once every compressed layer's
+        decoded weight has matched its original's checksum (xxh3-64 of the original bits, taken before
+        compression; a mismatch fails the run), None while some layer is unchecked (verify=never) or nothing is
+        compressed; `weights_checked_layers` counts the layers checked."""
+        checked = len(self._verified)
+        return {"weights_lossless": True if self.layers and checked == len(self.layers) else None,
+                "weights_checked_layers": checked}
+
     def drop(self, layer: CompressedLinear) -> None:
         self.stats.unhold(layer.weight_nbytes)
 
@@ -275,7 +295,7 @@ def compress_model(
     """
     check_placement(placement, codec)
     if selection is None:
-        selection = select_layers(model, **select_kwargs)
+        selection = select_layers(model, refuse=codec.refuse, **select_kwargs)
     device = next((cand.module.weight.device for cand in selection.chosen), torch.device("cpu"))
     runtime = CompressedRuntime(codec, verify=verify, device=device)
     conv1d = type(None)

@@ -18,12 +18,18 @@ class Stats:
     resident_bytes: int = 0  # decompressed weights alive right now
     peak_resident_bytes: int = 0
     verifications: int = 0
+    # cache=fused: layers whose weight the kernel decoded in registers (never written out), and their 16-row tiles
+    in_kernel_decodes: int = 0
+    in_kernel_decodes_per_layer: Counter = field(default_factory=Counter)
+    in_kernel_decodes_per_pass: list[int] = field(default_factory=list)
+    in_kernel_tiles: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def begin_pass(self) -> None:
         with self._lock:
             self.forward_passes += 1
             self.decompressions_per_pass.append(0)
+            self.in_kernel_decodes_per_pass.append(0)
 
     def count_decompression(self, layer: str, nbytes: int, seconds: float) -> None:
         with self._lock:
@@ -66,6 +72,22 @@ class Stats:
                 self.decompressions_per_pass[offset + p] += total
             self.decompress_time_s = None
 
+    def add_in_kernel(self, per_pass: list[list[int]], layers, tiles: list[int]) -> None:
+        """In-kernel decodes read from the device after a generation: `per_pass[p][i]` launches for `layers[i]`
+        (each decoding `tiles[i]` tiles) in the p-th pass begun since the last reset."""
+        with self._lock:
+            offset = len(self.in_kernel_decodes_per_pass) - len(per_pass)
+            if offset < 0:
+                began = len(self.in_kernel_decodes_per_pass)
+                raise RuntimeError(f"in-kernel counts for {len(per_pass)} passes, but {began} began")
+            for p, row in enumerate(per_pass):
+                for layer, n, t in zip(layers, row, tiles, strict=True):
+                    if n:
+                        self.in_kernel_decodes_per_layer[layer.name] += n
+                        self.in_kernel_tiles += n * t
+                self.in_kernel_decodes += sum(row)
+                self.in_kernel_decodes_per_pass[offset + p] += sum(row)
+
     def hold(self, nbytes: int) -> None:
         with self._lock:
             self.resident_bytes += nbytes
@@ -86,6 +108,10 @@ class Stats:
             self.bytes_decompressed = 0
             self.peak_resident_bytes = self.resident_bytes
             self.verifications = 0
+            self.in_kernel_decodes = 0
+            self.in_kernel_decodes_per_layer = Counter()
+            self.in_kernel_decodes_per_pass = []
+            self.in_kernel_tiles = 0
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -99,4 +125,9 @@ class Stats:
                 "decompress_time_s": self.decompress_time_s,
                 "bytes_decompressed": self.bytes_decompressed,
                 "peak_resident_decompressed_bytes": self.peak_resident_bytes,
+                "in_kernel_decodes": self.in_kernel_decodes,
+                "in_kernel_decodes_per_forward_pass": self.in_kernel_decodes / passes if passes else 0.0,
+                "in_kernel_decodes_per_pass": list(self.in_kernel_decodes_per_pass),
+                "in_kernel_decodes_per_layer": dict(self.in_kernel_decodes_per_layer),
+                "in_kernel_tiles": self.in_kernel_tiles,
             }

@@ -1,0 +1,228 @@
+"""`cache=fused`: the layer's matmul runs in lut3's kernel, which decodes the weight in registers (issue 12).
+
+With at most `lut3_cuda.MAX_TOKENS` tokens on CUDA (a decode step at batch <= 8), a compressed layer's forward is
+one call of the opaque op `codecllm::lut3_linear` on the compressed bytes in VRAM: no dense weight exists at any
+point. Otherwise (a prefill with more tokens, or the CPU) the weight is decoded (on CUDA by the kernel's own
+decode, lut3_cuda.decode_gpu; on the CPU by lut3.decode) and multiplied by F.linear: ordinary, counted
+decompressions.
+
+Counters. Each kernel launch adds 1 to its layer's slot of a device tensor (inside a CUDA graph too), so
+`in_kernel_decodes` per pass and per layer stay exact under replay; the host reads them once per generation
+(captured.py's pattern), and tiles decoded = launches x the layer's 16-row tiles. Decodes inside a compiled step
+(more tokens than the kernel takes) are counted on the device too; eager ones on the host, with their time.
+
+The same class serves generate.compile=true: everything its forward calls on a traced path is an opaque op that
+CUDA graphs capture. `reference()` switches every layer to the same kernel fed the uncompressed weight (the
+exactness reference of harness.exactness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from harness.codecs.base import checksum
+from harness.errors import HarnessError, IntegrityError
+from harness.fused import lut3, lut3_cuda
+from harness.runtime.policy import CAPTURED_POLICIES, POLICIES, CachePolicy
+
+if TYPE_CHECKING:
+    from harness.runtime.layer import CompressedLinear
+    from harness.runtime.runtime import CompressedRuntime
+
+CODEC = "fused_lut3"
+DECODES, BYTES, IN_KERNEL = 0, 1, 2  # rows of the device counts [3, layers]
+
+
+def check_setup(codec: str, placement: str, device: torch.device, embeddings: bool) -> None:
+    """What cache=fused can run with, checked from the config alone (experiment.validate, before the model loads);
+    the policy's constructor checks the same on the compressed layers."""
+    if codec != CODEC:
+        raise HarnessError(f"cache=fused multiplies lut3 weights in its kernel: it needs compress.codec={CODEC}, "
+                           f"not {codec}")  # fmt: skip
+    if embeddings:
+        raise HarnessError("cache=fused serves linear layers only; use compress.embeddings=false")
+    if device.type == "cuda" and placement != "gpu":
+        raise HarnessError("cache=fused on CUDA reads the compressed bytes from VRAM: use compress.placement=gpu")
+
+
+def refuse_transposed(names: list[str]) -> None:
+    """The kernel computes x @ W.T from W as stored; a Conv1D (GPT-2) stores W.T."""
+    if names:
+        raise HarnessError(f"cache=fused needs nn.Linear weights; {names[0]} is a transposed Conv1D (GPT-2 family): "
+                           "use another cache policy for this model")  # fmt: skip
+
+
+# ---- ops: opaque to torch.compile, captured by CUDA graphs -----------------------------------------------------
+
+
+@torch.library.custom_op("codecllm::lut3_dense", mutates_args=("counts",))
+def lut3_dense(
+    signman: torch.Tensor,
+    codes: torch.Tensor,
+    esc_exp: torch.Tensor,
+    esc_off: torch.Tensor,
+    exponents: list[int],
+    n: int,
+    k: int,
+    counts: torch.Tensor,
+    index: int,
+    nbytes: int,
+) -> torch.Tensor:
+    """The dense weight of a lut3 layer, inside a compiled step (more tokens than the kernel takes): one decode
+    and its bytes added to `counts` (decodes at [0, index], bytes at [1, index])."""
+    p = lut3.Lut3((n, k), signman, codes, esc_exp, esc_off, tuple(exponents))
+    w = lut3_cuda.decode_gpu(p) if signman.is_cuda else lut3.decode(p)
+    counts[DECODES, index].add_(1)  # scalar adds: kernels with the value as an argument, so a graph replays them
+    counts[BYTES, index].add_(nbytes)
+    return w
+
+
+@lut3_dense.register_fake
+def _lut3_dense_fake(signman, codes, esc_exp, esc_off, exponents, n, k, counts, index, nbytes):
+    return signman.new_empty((n, k), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("codecllm::lut3_reference_linear", mutates_args=("counter",))
+def lut3_reference_linear(
+    x2d: torch.Tensor, main: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor, n: int, counter: torch.Tensor
+) -> torch.Tensor:
+    """x2d @ W.T by the lut3 kernel fed the uncompressed W (lut3_cuda.reference_gemv), as an op like lut3_linear,
+    so that torch.compile treats the reference run exactly as the compressed one. `counter`: a launch count, given
+    so that no scratch tensor is created inside a CUDA-graph capture."""
+    k = x2d.shape[1]
+    ref = lut3_cuda.Reference((n, k), -(-n // lut3.TILE_ROWS), k // lut3.ITER_K, main, mask, raw)
+    return lut3_cuda.reference_gemv(x2d, ref, counter=counter)
+
+
+@lut3_reference_linear.register_fake
+def _lut3_reference_linear_fake(x2d, main, mask, raw, n, counter):
+    return x2d.new_empty((x2d.shape[0], n))
+
+
+# ---- the policy ------------------------------------------------------------------------------------------------
+
+
+def _static(*tensors: torch.Tensor) -> None:
+    # CUDA-graph trees copy a non-static input into the graph's own buffer at every replay: these never move.
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+
+
+class Fused(CachePolicy):
+    """The compressed weight multiplied in the kernel that decodes it (see the module docstring)."""
+
+    name = "fused"
+    computes_linear = True
+
+    def __init__(self, runtime: CompressedRuntime) -> None:
+        super().__init__(runtime)
+        device, linear = runtime.device, runtime.linear_layers
+        placement = "gpu" if all(layer.ct.payload.device == device for layer in linear) else "cpu"
+        check_setup(runtime.codec.name, placement, device, bool(runtime.embedding_layers))
+        refuse_transposed([layer.name for layer in linear if layer.transposed])
+        n = len(runtime.layers)
+        self._packed: dict[int, lut3.Lut3] = {}
+        self._lut: dict[int, list[int]] = {}  # the kernel's PRMT tables (baked into a traced graph as constants)
+        self._slot: dict[int, int] = {}  # where the layer's launches count in the flattened device counts
+        for layer in linear:
+            p = self._packed[layer.index] = runtime.codec.packed(layer.ct)
+            self._lut[layer.index] = list(p.lut_words())
+            self._slot[layer.index] = IN_KERNEL * n + layer.index
+            _static(p.signman, p.codes, p.esc_exp, p.esc_off)
+        self._tiles = [-(-layer.ct.shape[0] // lut3.TILE_ROWS) if layer.index in self._packed else 0
+                       for layer in runtime.layers]  # fmt: skip
+        self._counts = torch.zeros((3, n), dtype=torch.int64, device=device)  # [decodes, bytes, in-kernel]
+        self._ref_counter = torch.zeros(1, dtype=torch.int64, device=device)
+        _static(self._counts, self._ref_counter)
+        self._snapshots: list[torch.Tensor] = []  # counts at the start of each pass of this generation
+        self._reference: dict[int, lut3_cuda.Reference] | None = None
+        # The kernel never writes a weight out, so no forward would check one: check every layer's decode now
+        # (the kernel's own decode on CUDA), as verify=first checks other policies' first decodes.
+        runtime.verify_decodes(linear)
+
+    # -- the forward path ------------------------------------------------------------------------------------------
+    def linear(self, layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        if x.is_cuda and x2d.shape[0] <= lut3_cuda.MAX_TOKENS:
+            x2d = x2d.contiguous()
+            n = layer.out_features
+            if self._reference is not None:
+                ref = self._reference[layer.index]
+                y = torch.ops.codecllm.lut3_reference_linear(x2d, ref.main, ref.mask, ref.raw, n, self._ref_counter)
+            else:
+                p = self._packed[layer.index]
+                y = torch.ops.codecllm.lut3_linear(x2d, p.signman, p.codes, p.esc_exp, p.esc_off,
+                                                   self._lut[layer.index], n, self._counts, self._slot[layer.index])  # fmt: skip
+            y = y.view(*x.shape[:-1], n)
+            return y if layer.bias is None else y + layer.bias
+        # More tokens than the kernel takes, or the CPU: decode, then the ordinary matmul.
+        if self._reference is not None:
+            return F.linear(x, self._reference_weight(layer), layer.bias)
+        if torch.compiler.is_compiling():
+            p = self._packed[layer.index]
+            w = torch.ops.codecllm.lut3_dense(p.signman, p.codes, p.esc_exp, p.esc_off, list(p.exponents), *p.shape,
+                                              self._counts, layer.index, layer.weight_nbytes)  # fmt: skip
+            return F.linear(x, w, layer.bias)
+        w = self.runtime.decompress(layer, x.device)
+        try:
+            return F.linear(x, w, layer.bias)
+        finally:
+            self.runtime.drop(layer)
+
+    # -- pass boundaries (Python, between graph replays) --------------------------------------------------------
+    def begin_pass(self) -> None:
+        self._snapshots.append(self._counts.clone())
+
+    def clear(self) -> None:
+        """End of a generation: read the device counters once (one sync) into the phase's exact counts."""
+        if not self._snapshots:
+            return
+        marks = torch.stack([*self._snapshots, self._counts]).cpu()  # [passes + 1, 3, layers]
+        self._snapshots = []
+        per_pass = marks[1:] - marks[:-1]
+        stats, layers = self.runtime.stats, self.runtime.layers
+        if per_pass[:, DECODES].any():  # decodes inside compiled steps: exact counts, no host time
+            stats.add_passes(per_pass[:, DECODES].tolist(), per_pass[:, BYTES].tolist(), layers)
+            largest = max(layer.weight_nbytes for layer in layers)
+            stats.hold(largest)  # one layer's weight was alive at a time (the op's output, freed after its matmul)
+            stats.unhold(largest)
+        stats.add_in_kernel(per_pass[:, IN_KERNEL].tolist(), layers, self._tiles)
+
+    def close(self) -> None:
+        self.clear()
+        self._packed, self._lut, self._slot, self._reference = {}, {}, {}, None
+
+    # -- the exactness reference -----------------------------------------------------------------------------------
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside: every layer computed by the same kernel fed the uncompressed weight (lut3_cuda.reference_gemv on
+        reference_inputs of W), or by F.linear on W where the compressed path decodes. W is the decoded weight,
+        checked against the original's checksum here. Nothing is counted."""
+        refs: dict[int, lut3_cuda.Reference] = {}
+        for layer in self.runtime.linear_layers:
+            w = self.runtime.codec.decode(layer.ct)
+            if checksum(w) != layer.ct.checksum:
+                raise IntegrityError(f"layer {layer.name}: decoded weight fails its checksum; no exactness reference")
+            ref = refs[layer.index] = lut3_cuda.reference_inputs(w, self._packed[layer.index].exponents)
+            _static(ref.main, ref.mask, ref.raw)
+            del w
+        self._reference = refs
+        try:
+            yield
+        finally:
+            self._reference = None
+
+    def _reference_weight(self, layer: CompressedLinear) -> torch.Tensor:
+        """W from the reference's raw stream (un-permuted: the reference holds no second dense copy)."""
+        ref = self._reference[layer.index]
+        bits = lut3._unstream(ref.raw.view(ref.tiles, ref.iters, 32, 32), ref.tiles, ref.iters)
+        return bits[: ref.shape[0]].contiguous().view(torch.bfloat16)
+
+
+POLICIES.register("fused")(Fused)
+CAPTURED_POLICIES.register("fused")(Fused)  # the same class: its traced path is opaque ops only
