@@ -10,9 +10,11 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   block_eager        nvcomp_ans_batched, bytes in VRAM, cache=block (the eager runtime)
   block_compiled     the same weights through the capturable block policy, compiled like dense_compiled
   none_compiled      the capturable none policy (each layer decoded at its use), compiled
-  fused_compiled     every linear layer in lut3, decoded in registers inside the GEMV (harness/fused), compiled
+  fused_compiled     cache=fused: every linear layer in lut3 (codec fused_lut3), decoded in registers inside the
+                     GEMV (harness/fused/lut3_kernel.cu), compiled; warps per tile tuned per shape first
   fused_eager        the same, eager
-  fused_ref_compiled the lut3 kernel fed the uncompressed weights: the exactness reference of fused_compiled
+  fused_ref_compiled the same policy inside its reference(): the lut3 kernel fed the uncompressed weights, the
+                     exactness reference of fused_compiled
   block_*_emb        the same with the (untied) embedding table compressed too
   dense_compiled_ref dense, compiled, its lookup behind an opaque op: the exactness reference of
                      block_compiled_emb (Inductor fuses a plain lookup into the first RMSNorm, which rounds
@@ -25,6 +27,7 @@ bandwidth that implies at the measured speed. Rows go to --out as JSON lines as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -39,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from harness.codecs import make_codec  # noqa: E402
-from harness.fused.modules import FusedLinear, swap_linears  # noqa: E402
 from harness.generation import greedy_generate  # noqa: E402
 from harness.measure import model_weight_bytes  # noqa: E402
 from harness.models import load_model  # noqa: E402
@@ -72,12 +74,10 @@ def step_bytes(model: torch.nn.Module) -> tuple[int, int]:
     dense = moved = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, FusedLinear):
-            dense += module.in_features * module.out_features * 2
-            moved += module.nbytes
-        elif isinstance(module, CompressedLinear):
+        if isinstance(module, CompressedLinear):
             dense += module.weight_nbytes
-            moved += module.ct.compressed_nbytes + 2 * module.weight_nbytes
+            fused = module.ct.codec == "fused_lut3"  # read once in the kernel: nothing written, nothing read again
+            moved += module.ct.compressed_nbytes + (0 if fused else 2 * module.weight_nbytes)
         elif isinstance(module, CompressedEmbedding):
             continue
         else:
@@ -165,6 +165,8 @@ def main() -> None:
         ref_model.model.embed_tokens = OpaqueEmbedding(ref_model.model.embed_tokens)
         models["dense_compiled_ref"] = (ref_model, True, None)
     encoded: dict = {}
+    encoded_lut3: dict = {}
+    stack = contextlib.ExitStack()  # the reference arm's policy stays in reference() until the end
     for arm, policy, captured, embeddings in (
         ("block_eager", "block", False, False),
         ("block_compiled", "block", True, False),
@@ -201,34 +203,27 @@ def main() -> None:
                 "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
             }
         )
-    fused_counts = {}
-    for arm, mode, compile_ in (
-        ("fused_compiled", "fused", True),
-        ("fused_eager", "fused", False),
-        ("fused_ref_compiled", "reference", True),
-    ):
+    for arm, compile_, reference in (("fused_compiled", True, False), ("fused_eager", False, False),
+                                     ("fused_ref_compiled", True, True)):  # fmt: skip
         if arm not in args.arms:
             continue
         t = time.perf_counter()
-        share = next((a for a in ("fused_compiled", "fused_eager") if a in models), None) if mode == "fused" else None
-        if share is not None:  # the same fused model, run the other way
-            models[arm] = (models[share][0], compile_, None)
-            fused_counts[arm] = fused_counts[share]
-            continue
         model = copy.deepcopy(dense.model)
-        fused_counts[arm] = swap_linears(model, mode, tune_tokens=tuple(args.batch) if mode == "fused" else ())
+        sel = select_layers(model, "all")
+        have = {c.name for c in sel.chosen} <= set(encoded_lut3)
+        rt = compress_model(model, make_codec("fused_lut3"), selection=sel, policy="fused", placement="gpu",
+                            precompressed=encoded_lut3 if have else None, captured=compile_, attach=True,
+                            progress=False)  # fmt: skip
+        encoded_lut3.update({layer.name: layer.ct for layer in rt.layers})
+        if not reference:
+            tuned = rt.policy.tune(tuple(args.batch))  # before any capture; the reference arm reuses the choice
+        else:
+            stack.enter_context(rt.policy.reference())
         torch.cuda.synchronize()
-        models[arm] = (model, compile_, None)
-        emit(
-            {
-                "event": "compressed",
-                "arm": arm,
-                "s": time.perf_counter() - t,
-                "mode": mode,
-                "layers": int(fused_counts[arm].shape[1]),
-                "weights_bytes": weights_on_device(model),
-            }
-        )
+        models[arm] = (model, compile_, rt)
+        emit({"event": "compressed", "arm": arm, "s": time.perf_counter() - t, "ratio": rt.report.compression_ratio,
+              "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
+              "warps_per_tile": {str(k): v for k, v in tuned.items()} if not reference else None})  # fmt: skip
     gc.collect()
     arms = [a for a in args.arms if a in models]
 
@@ -239,8 +234,6 @@ def main() -> None:
             model, compile_, rt = models[arm]
             if rt is not None:
                 rt.reset_stats()
-            if arm in fused_counts:
-                fused_counts[arm].zero_()
             g = greedy_generate(
                 model, tok, ps, args.tokens, min_new_tokens=args.tokens, device=device, compile=compile_
             )
@@ -317,17 +310,14 @@ def main() -> None:
                     row[f"vs_{name}_iqr"] = [r["speed_ratio_q1"], r["speed_ratio_q3"]]
             if arm in args.profile:
                 row["profile"] = profile_one(lambda arm=arm: run(arm), args.tokens)
-            if arm in fused_counts:
-                c = fused_counts[arm]
-                row.update(in_kernel_calls=int(c[0].sum()), dense_decodes=int(c[1].sum()), layers=int(c.shape[1]))
             if rt is not None:
                 snap = rt.stats.snapshot()
-                row.update(
-                    decompressions=snap["decompressions"],
-                    passes=snap["forward_passes"],
-                    per_pass=sorted(set(snap["decompressions_per_pass"])),
-                )
+                row.update(decompressions=snap["decompressions"], passes=snap["forward_passes"],
+                           per_pass=sorted(set(snap["decompressions_per_pass"])),
+                           in_kernel_decodes=snap.get("in_kernel_decodes"),
+                           in_kernel_per_pass=sorted(set(snap.get("in_kernel_decodes_per_pass") or [])))  # fmt: skip
             emit(row)
+    stack.close()
     out.close()
 
 

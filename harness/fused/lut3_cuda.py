@@ -231,26 +231,3 @@ def lut3_linear(
 def _lut3_linear_fake(x2d, signman, codes, esc_exp, esc_off, lut, n, counts, slot):
     return x2d.new_empty((x2d.shape[0], n))
 
-
-@torch.library.custom_op("codecllm::lut3_reference_linear", mutates_args=("counts",))
-def lut3_reference_linear(
-    x2d: torch.Tensor,
-    main: torch.Tensor,
-    mask: torch.Tensor,
-    raw: torch.Tensor,
-    n: int,
-    counts: torch.Tensor,
-    slot: int,
-) -> torch.Tensor:
-    """The exactness reference as an op: the kernel fed the uncompressed weight (reference_inputs)."""
-    m, k = x2d.shape
-    tiles, iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
-    y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
-    _launch(f"lut3_ref_m{_template(m)}", tiles, warps_per_tile(tiles, iters, m),
-            [x2d, m, k, main, mask, raw, y, n, iters, counts.view(-1)[slot:]])  # fmt: skip
-    return y
-
-
-@lut3_reference_linear.register_fake
-def _lut3_reference_linear_fake(x2d, main, mask, raw, n, counts, slot):
-    return x2d.new_empty((x2d.shape[0], n))
