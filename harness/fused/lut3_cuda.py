@@ -23,7 +23,8 @@ MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to deco
 _TEMPLATES = (1, 2, 4, 8)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
 _NAMES = [f"lut3_gemv_m{m}" for m in _TEMPLATES] + [f"lut3_ref_m{m}" for m in _TEMPLATES] + ["lut3_decode"]
-_NAMES += ["lut3_diag1_m1", "lut3_diag2_m1"]  # bench/lut3_kernel.py: escapes skipped; decode skipped too
+# bench/lut3_kernel.py only: escapes skipped; decode skipped too; the escape loop alone skipped; 64 registers
+_NAMES += ["lut3_diag1_m1", "lut3_diag2_m1", "lut3_diag3_m1", "lut3_gemvlb_m1"]
 _kernels: dict | None = None
 # warps per tile by (tiles, iters, tokens), set by tune(); otherwise warps_per_tile's heuristic
 _WARPS: dict[tuple[int, int, int], int] = {}
@@ -230,4 +231,3 @@ def lut3_linear(
 @lut3_linear.register_fake
 def _lut3_linear_fake(x2d, signman, codes, esc_exp, esc_off, lut, n, counts, slot):
     return x2d.new_empty((x2d.shape[0], n))
-

@@ -94,7 +94,8 @@ __device__ __forceinline__ void load_iter(Buf& b, size_t li, long long lanes_tot
 }
 
 // DIAG (bench/lut3_kernel.py only, results wrong on purpose): 1 = escapes skipped, 2 = decode skipped too (the
-// sign+mantissa words go to the mma as they are): the time each stage costs, by difference.
+// sign+mantissa words go to the mma as they are), 3 = escape masks, prefix sums and exponent reads kept but the
+// per-escape loop left out: the time each stage costs, by difference.
 template <int MT, bool FUSED, int DIAG = 0>
 struct Gemv {
   const u16* __restrict__ x;
@@ -154,7 +155,7 @@ struct Gemv {
                                           const uint4 (&wb)[2]) {
     const int na = __popc(ma), nb = __popc(mb);
     int excl = 0, tot = 0;
-    if (FUSED) {
+    if (FUSED) {  // each escape's index in the exponent list: a warp prefix sum over lanes
       const int cnt = na | (nb << 16);
       int incl = cnt;
 #pragma unroll
@@ -164,6 +165,13 @@ struct Gemv {
       }
       tot = __shfl_sync(0xffffffffu, incl, 31);
       excl = incl - cnt;
+    }
+    // One token: each lane walks its own escapes (measured faster there than the buckets' shared-memory round
+    // trip); more tokens: the buckets below, unless a row overflows one.
+    if (MT == 1) {
+      escapes_own(ma, mb, it, la, excl, tot, wa, wb);
+      if (FUSED) esc_pos += (tot & 0xFFFF) + (tot >> 16);
+      return;
     }
     // per-row bucket positions: escapes of rows g (lower) and g + 8 (upper) come from the 4 lanes of group g only
     const u32 UP = 0xFF00FF00u;  // mask bits b with (b >> 3) & 1: the upper row
@@ -177,9 +185,7 @@ struct Gemv {
       if (t >= 2) gin += v2;
     }
     const int gtot = __shfl_sync(0xffffffffu, gin, (lane | 3));
-    // one token: each lane walks its own escapes (measured faster there than the buckets' shared-memory round
-    // trip); more tokens: the buckets, unless a row overflows one
-    const bool overflow = MT == 1 || __any_sync(0xffffffffu, (gtot & 0xFFFF) > BUCKET || (gtot >> 16) > BUCKET);
+    const bool overflow = __any_sync(0xffffffffu, (gtot & 0xFFFF) > BUCKET || (gtot >> 16) > BUCKET);
     if (overflow) {  // rare (escape-dense weights): every lane walks its own escapes
       escapes_own(ma, mb, it, la, excl, tot, wa, wb);
     } else {
@@ -246,6 +252,10 @@ struct Gemv {
     const u16* raw_p = ref_raw + la * 32;
     const u16* xk = x + it * 64 + 2 * t;
     u32 ra = ma, rb = mb;
+    if (DIAG == 3) {  // masks, prefix sum and exponent reads kept (folded into a result), the loop left out
+      corr[0][0] += __uint_as_float((u32)pa ^ (u32)pb ^ ra ^ rb ^ (u32)ea ^ (u32)eb) * 0.f;
+      ra = rb = 0;
+    }
     while (ra | rb) {
       const bool second = ra == 0;
       const int b = __ffs(second ? rb : ra) - 1;
@@ -396,6 +406,16 @@ LUT3_GEMV(2)
   }
 LUT3_DIAG(1)
 LUT3_DIAG(2)
+LUT3_DIAG(3)
+
+// The one-token kernel with its registers capped at 64 (two 512-thread blocks per SM): does occupancy pay for
+// what the cap costs? (bench/lut3_kernel.py times it beside lut3_gemv_m1; same arithmetic, so same results.)
+extern "C" __global__ void __launch_bounds__(512, 2) lut3_gemvlb_m1(
+    const u16* x, int M, int K, const uint4* sm, const u32* codes, const u8* esc_exp, const int* esc_off, int hi0,
+    int hi1, int lo0, int lo1, u16* y, int N, int I, u64* counter) {
+  gemv<1, true>(x, M, K, sm, codes, esc_exp, esc_off, nullptr, nullptr, nullptr,
+                Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);
+}
 LUT3_GEMV(4)
 LUT3_GEMV(8)
 
