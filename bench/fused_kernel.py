@@ -12,7 +12,6 @@ Writes the JSON after every matrix; prints a table at the end.
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import zlib
@@ -22,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_timing import copy_bandwidth, graph_time_us  # noqa: E402
+
 from harness.fused import kernel as fk  # noqa: E402
 from harness.fused.format import decode, encode, escape_count  # noqa: E402
 
@@ -45,42 +46,6 @@ DEVICE = "cuda"  # a CPU smoke run (TRITON_INTERPRET=1) swaps it and the timers
 def sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def graph_time_us(fns, min_launches=40, replays=7):
-    """Median per-launch time of fns (one per weight copy) replayed from a CUDA graph."""
-    loops = max(1, math.ceil(min_launches / len(fns)))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(loops):
-            for f in fns:
-                f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (loops * len(fns)))
-    del g
-    return statistics.median(times)
-
-
-def copy_bandwidth():
-    n = 1 << 30
-    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
-    us = graph_time_us([lambda: dst.copy_(src)], min_launches=10)
-    return 2 * n / (us * 1e-6) / 1e9  # bytes read + written
 
 
 def candidate_configs(n, k, tk, m, quick):
@@ -163,7 +128,7 @@ def bench_matrix(name, n, k, ms, tk, quick, log):
         ref_us = graph_time_us([lambda w=w, p=p, c=cfg, x=x: fk.launch(x, w, p, c, False) for w, p in zip(ws, ps)])
         cublas_us = graph_time_us([lambda w=w, x=x: F.linear(x, w) for w in ws])
         yf, yc = fk.launch(x, None, p0, cfg, True), F.linear(x, w0)
-        exact64 = (x.double() @ w0.double().T)
+        exact64 = x.double() @ w0.double().T
         rel = float((yf.float() - yc.float()).norm() / yc.float().norm())
         row["by_m"][m] = {
             "best_config": str(cfg),
@@ -218,7 +183,11 @@ def main():
             result["skipped"].append(name)
             continue
         quick = args.quick or elapsed > 0.6 * args.budget_s
-        result["matrices"].append(bench_matrix(name, n, k, [int(v) for v in args.ms.split(',')], args.tk, quick, lambda s: print(s, flush=True)))
+        result["matrices"].append(
+            bench_matrix(
+                name, n, k, [int(v) for v in args.ms.split(",")], args.tk, quick, lambda s: print(s, flush=True)
+            )
+        )
         result["elapsed_s"] = time.perf_counter() - t0
         out.write_text(json.dumps(result, indent=1))
     table(result)

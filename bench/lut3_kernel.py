@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import zlib
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import copy_bandwidth, graph_time_us  # noqa: E402
+
 from harness.fused import lut3, lut3_cuda  # noqa: E402
 
 SHAPES = {  # name: (N, K, uses per decode step of the model)
@@ -53,38 +54,8 @@ def weight(name: str, n: int, k: int) -> torch.Tensor:
 ROTATE_BYTES = 300e6  # > 4x the L2 per variant
 
 
-def graph_time_s(fns: list, replays: int = 20) -> float:
-    """Median seconds per call of the fns, captured once in a CUDA graph (one call each, in order)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns[:2]:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / len(fns))
-    del g
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(int(2e9), dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = graph_time_s([lambda: b.copy_(a)], replays=10)
-    return 2 * a.numel() / t / 1e9
+def graph_time_s(fns: list) -> float:
+    return graph_time_us(fns, min_launches=20) / 1e6
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
