@@ -36,7 +36,7 @@ from harness.runtime import CAPTURED_POLICIES, POLICIES
 from harness.runtime.fused import check_setup as check_fused
 from harness.runtime.fused import refuse_transposed
 from harness.runtime.runtime import VERIFY_MODES, CompressedRuntime, check_placement
-from harness.selection import ORDERS, Selection, _parse_count, select_layers
+from harness.selection import ORDERS, Selection, parse_count, select_layers
 from harness.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def validate(cfg: DictConfig) -> None:
     """Check what can be checked before the model loads: a typo must not cost a model load."""
-    _parse_count(cfg.compress.layers)
+    parse_count(cfg.compress.layers)
     if cfg.compress.order not in ORDERS:
         raise HarnessError(f"compress.order={cfg.compress.order!r} is invalid; valid: {', '.join(ORDERS)}")
     if cfg.compress.verify not in VERIFY_MODES:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from harness.atomic import write_atomic
 
 
 def _clean(obj: Any) -> Any:
@@ -35,9 +36,7 @@ class ResultsFile:
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(_clean(self.data), indent=2))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(_clean(self.data), indent=2))
 
 
 SIDES = ("baseline", "compressed")

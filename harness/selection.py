@@ -62,7 +62,7 @@ def _tied_owner(model: nn.Module) -> dict[int, str]:
     return owners
 
 
-def _parse_count(layers: int | str) -> int | None:
+def parse_count(layers: int | str) -> int | None:
     """None means all."""
     if isinstance(layers, str):
         if layers.strip().lower() == "all":
@@ -110,7 +110,7 @@ def select_layers(
     why a weight cannot be stored: such a layer is skipped with that reason before counting, as a tied one is."""
     if order not in ORDERS:
         raise HarnessError(f"compress.order={order!r} is invalid; valid: {', '.join(ORDERS)}")
-    count = _parse_count(layers)
+    count = parse_count(layers)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
 
     owners = _tied_owner(model)

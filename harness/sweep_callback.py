@@ -22,6 +22,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from harness.atomic import write_atomic
+
 try:
     import fcntl
 except ImportError:  # Windows: GPUs are picked from the job number alone.
@@ -75,9 +77,7 @@ def record_failure(job_dir: Path, overrides: list[str], error: str) -> None:
             return
     results.update(status="failed", error=error)
     results.setdefault("overrides", overrides)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(results, indent=2))
 
 
 def _write_report(sweep_dir: Path) -> None:

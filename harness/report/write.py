@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.atomic import write_atomic
 from harness.report.collect import collect
 from harness.report.dashboard import render_dashboard
 from harness.report.plots import render_plots
@@ -42,16 +42,7 @@ def write_report(sweep_dir: str | Path, rows: list[dict[str, Any]] | None = None
     return paths
 
 
-def _write(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same dir, so the rename is atomic
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+_write = write_atomic
 
 
 @contextlib.contextmanager
