@@ -95,7 +95,7 @@ def test_tables_where_df11_get_luts_fails():
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("shape", [None, (7, -1)])
-def test_round_trip_bitwise(case, shape):
+def test_df11_round_trip_bitwise(case, shape):
     t = CASES[case]()
     if shape is not None:
         t = t[: t.numel() // 7 * 7].reshape(shape)
@@ -183,7 +183,7 @@ def test_missing_package_names_the_pip_command(monkeypatch):
         fmt.df11_utils.cache_clear()
 
 
-def test_runtime_generation_is_bit_exact():
+def test_df11_runtime_generation_is_bit_exact():
     loaded = tiny_llama(seed=0)
     prompts = ["The capital of France is", "Lossless"]
     ref = greedy_generate(loaded.model, loaded.tokenizer, prompts, 4, 4)

@@ -22,7 +22,7 @@ SMALL_CHUNK = 4096  # several ZipNN chunks even for small tensors
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1,), (15,), (3, 1000), (257, 129)])
-def test_round_trip_bitwise(dtype, shape):
+def test_zipnn_round_trip_bitwise(dtype, shape):
     t = weights_with_specials(torch.Size(shape).numel(), dtype).reshape(shape)  # NaN payloads, -0.0, subnormals
     codec = make_codec("zipnn", chunk_bytes=SMALL_CHUNK)
     ct = codec.encode(t)
@@ -44,13 +44,13 @@ def test_decode_into_out_threads_and_header(dtype):
     assert torch.equal(bits(out), bits(t))
 
 
-def test_ratio_on_random_bf16():
+def test_zipnn_ratio_on_random_bf16():
     """normal(0, 0.02) bf16: ZipNN's Huffman on the exponent byte is near the ~1.5x bound."""
     t = (torch.randn(1 << 21, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
     assert 1.45 <= make_codec("zipnn").encode(t).ratio <= 1.55
 
 
-def test_corrupted_payload_raises():
+def test_zipnn_corrupted_payload_raises():
     t = (torch.randn(50_000) * 0.02).bfloat16()
     codec = make_codec("zipnn")
     ct = codec.encode(t)
@@ -74,7 +74,7 @@ def test_settings_and_bad_input():
         codec.decode(codec.encode(torch.ones(10, dtype=torch.bfloat16)), out=torch.empty(10, dtype=torch.float16))
 
 
-def test_runtime_generation_is_bit_exact():
+def test_zipnn_runtime_generation_is_bit_exact():
     loaded = tiny_llama(seed=0)
     prompts = ["The capital of France is", "Lossless"]
     ref = greedy_generate(loaded.model, loaded.tokenizer, prompts, 4, 4)
