@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -169,7 +171,12 @@ def ray_cluster(tmp_path_factory):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     port = _free_port()
     log = tmp_path_factory.mktemp("ray") / "ray.log"
+    # Its own temp dir: its sessions, logs and sockets, and the record of "the cluster last started here", which
+    # `ray stop` would delete and --block leaves behind, go with it instead of into the shared /tmp/ray. (Short,
+    # under /tmp: Ray's socket paths must stay within 107 bytes.)
+    temp_dir = tempfile.mkdtemp(prefix="codecllm-ray-", dir="/tmp")
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+           f"--temp-dir={temp_dir}",
            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            f"--metrics-export-port={_free_port()}"]
@@ -191,6 +198,7 @@ def ray_cluster(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
         left = [p.pid for p in processes[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"the Ray cluster left processes behind: {left}"
 
 

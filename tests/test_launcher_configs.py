@@ -31,7 +31,7 @@ def test_ray_launcher_config(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray = launcher("ray")
     assert ray["_target_"] == "hydra_plugins.codecllm_launchers.ray_jobs.RayLauncher"
-    assert ray["ray"]["init"]["address"] is None  # a local Ray for the sweep
+    assert ray["ray"]["init"]["address"] == "local"  # a Ray of its own for the sweep, whatever else runs here
     # One GPU per job on a CUDA machine, else none; the cores shared among the GPUs, or all of them on a CPU-only
     # machine: one job at a time there, with as many threads as a sequential sweep's (Ray sets OMP_NUM_THREADS).
     cores = len(os.sched_getaffinity(0))
