@@ -21,6 +21,12 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from harness.errors import HarnessError  # noqa: E402
+from harness.job_resources import register_resolvers  # noqa: E402
+
+register_resolvers()  # ${codecllm.gpus_per_job:} ... in conf/hydra/launcher/*.yaml
+# conf/hydra/launcher/{ray,submitit_local}.yaml take the names of the plugins' own configs, so Hydra checks them
+# against those schemas and warns that it will stop doing so. They are complete without the schema either way.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -75,8 +81,35 @@ def unknown_group_option(args: list[str]) -> str | None:
     return None
 
 
+# The launcher configs that need a plugin outside the base install, and the module that plugin provides.
+LAUNCHER_PLUGINS = {
+    "ray": ("hydra-ray-launcher", "hydra_plugins.hydra_ray_launcher"),
+    "submitit_local": ("hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
+    "slurm": ("hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
+}
+
+
+def missing_launcher_plugin(args: list[str], plugins: dict[str, tuple[str, str]] = LAUNCHER_PLUGINS) -> str | None:
+    """hydra/launcher=ray without the `engines` extra: Hydra would say "Unknown plugin class" over several lines;
+    say which package is missing and how to install it."""
+    import importlib.util
+
+    for a in args:
+        key, _, value = a.partition("=")
+        if key.lstrip("+") != "hydra/launcher" or value not in plugins:
+            continue
+        package, module = plugins[value]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"hydra/launcher={value} needs {package}; install it with: pip install -e \".[engines]\""
+    return None
+
+
 if __name__ == "__main__":
-    if (message := unknown_group_option(sys.argv[1:])) is not None:
+    if (message := unknown_group_option(sys.argv[1:]) or missing_launcher_plugin(sys.argv[1:])) is not None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     main()

@@ -63,10 +63,12 @@ class SweepReport(Callback):
 def record_failure(job_dir: Path, overrides: list[str], error: str) -> None:
     """Make the job's results.json say why it failed, so rebuilding the report later shows the exception.
 
-    Writes a minimal results.json (status, error, overrides) when the job died before writing one; marks an
+    Writes a minimal results.json (status, error, overrides) when the job died before writing one (making its
+    dir if it never started); marks an
     existing one failed when it still says "running"/"completed"; leaves one that already says "failed" as is.
     """
     path = job_dir / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)  # a job that died before it started (cancelled while queued)
     results: dict[str, Any] = {}
     if path.exists():
         try:

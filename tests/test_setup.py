@@ -25,6 +25,8 @@ NOT_IMPORTED = {
     "accelerate": "transformers needs it to load GGUF files and for device_map",
     "gguf": "transformers reads the default model's GGUF file with it",
     "hydra-joblib-launcher": "hydra/launcher=joblib and conf/hydra/launcher/joblib_gpu.yaml",
+    "hydra-ray-launcher": "hydra/launcher=ray: hydra_plugins/codecllm_launchers extends it ([engines])",
+    "hydra-submitit-launcher": "hydra/launcher=slurm, submitit_local: hydra_plugins/codecllm_launchers extends it ([engines])",
     "pytest": "the test runner ([test])",
     "ruff": "the linter ([test])",
 }
