@@ -36,3 +36,24 @@ def assert_refused(proc, message: str) -> str:
     assert len(errors) == 1 and message in errors[0], lines
     assert len(lines) <= 3 and "Traceback" not in proc.stderr and "RESULTS SUMMARY" not in proc.stdout, lines
     return errors[0]
+
+
+# What `slow` means: the test starts a process (the CLI, a sweep, an engine) or loads the real SmolLM2 model. Marked
+# by rule, not by hand, so a new test is marked as soon as it does either: `pytest -m "not slow"` is the inner loop
+# (library code, tiny in-process models); CI runs everything.
+_SLOW_SOURCE = ("run_harness(", "subprocess", "Popen", "smollm2", "_multirun(", "fidelity_run(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or item.get_closest_marker("slow"):
+            continue
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        if "harness_cli" in getattr(item, "fixturenames", ()) or any(s in source for s in _SLOW_SOURCE):
+            item.add_marker(pytest.mark.slow)
