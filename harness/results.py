@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.atomic import write_atomic
-from harness.schema import FIELDS, SIDES, Field, memory_kind
+from harness.schema import FIELDS, SIDES, Field, memory_kind, written
 
 
 def _clean(obj: Any) -> Any:
@@ -56,7 +56,7 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[tuple[str, str, str]], l
         if f.fmt is not None:
             cells = [_cell(f, results, side) for side in SIDES]
             rows.append((f.label.format(**context), *cells))
-        elif f.line is not None and results.get(f.path.split("/")[0]):  # its section was written
+        elif f.line is not None and written(results, f.path):  # a results.json from before the field: no line
             text = f.line(results)
             if text is not None:
                 lines.append((f.label, text))

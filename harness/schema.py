@@ -16,10 +16,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-SIDES = ("baseline", "compressed")
-SIDE_ABBR = {"baseline": "base", "compressed": "comp"}  # report headers: "base tok/s", "comp tok/s"
-Results = dict[str, Any]
+from harness.schema_format import (
+    SIDES,
+    Results,
+    agreement_line,
+    comparison_of,
+    compiled,
+    compressed_of,
+    compression_line,
+    in_kernel,
+    lossless_line,
+    mb,
+    memory_kind,
+    memory_label,
+    mib,
+    num,
+    outputs_line,
+    paired,
+    reference_line,
+    speed_cell,
+    speed_ratio_text,
+    yes_no,
+)
 
+SIDE_ABBR = {"baseline": "base", "compressed": "comp"}  # report headers: "base tok/s", "comp tok/s"
 
 @dataclass(frozen=True)
 class Field:
@@ -62,6 +82,13 @@ class Field:
         return lookup(results, self.key(side))
 
 
+def written(results: Any, path: str) -> bool:
+    """Whether results.json has the key at `path` (its value may be null)."""
+    *parents, last = path.split("/")
+    parent = lookup(results, "/".join(parents)) if parents else results
+    return isinstance(parent, dict) and last in parent
+
+
 def lookup(results: Any, path: str) -> Any:
     for k in path.split("/"):
         if not isinstance(results, dict):
@@ -70,128 +97,22 @@ def lookup(results: Any, path: str) -> Any:
     return results
 
 
-# -- formatting helpers (the summary's and the report's cells) --------------------------------------------------
-def mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.1f} MB"
-
-
-def mib(v: Any) -> str:
-    return f"{v / 2**20:,.1f}" if isinstance(v, int | float) else str(v)
-
-
-def num(spec: str, suffix: str = "") -> Callable[[Any], str]:
-    """A number formatted by `spec`; anything else (a string from an odd results.json) as it is."""
-    return lambda v: format(v, spec) + suffix if isinstance(v, int | float) and not isinstance(v, bool) else str(v)
-
-
-def yes_no(v: bool | None) -> str | None:
-    return None if v is None else "yes" if v else "NO"
-
-
-def memory_kind(results: Results) -> str:
-    """What the memory figures measure (one kind per run): the summary's labels say it."""
-    return (results.get("baseline") or results.get("compressed") or {}).get("memory", {}).get("kind", "")
-
-
-def _compiled(results: Results) -> bool:
-    return any((results.get(s) or {}).get("compile") for s in SIDES)
-
-
-def _paired(results: Results) -> bool:
-    rounds = results.get("rounds") or {}
-    return bool(rounds.get("baseline") and rounds.get("compressed"))
-
-
-def _in_kernel(results: Results) -> bool:
-    return bool((results.get("compressed") or {}).get("in_kernel_decodes"))
-
-
-def _cmp(results: Results) -> dict[str, Any]:
-    return results.get("comparison") or {}
-
-
-def _comp(results: Results) -> dict[str, Any]:
-    return results.get("compressed") or {}
-
-
-def speed_ratio_text(cmp_: dict[str, Any], rounds: dict[str, Any] | None) -> str:
-    """`0.82x  (IQR 0.81-0.89, 10 paired rounds, two_models)`; without rounds, the unpaired ratio says so."""
-    ratio, q1, q3 = cmp_.get("speed_ratio"), cmp_.get("speed_ratio_q1"), cmp_.get("speed_ratio_q3")
-    if ratio is None:  # a results.json from before the paired rounds
-        return "-"
-    if not cmp_.get("rounds") or q1 is None:
-        return f"{ratio:.3f}x  (unpaired: phase medians, no rounds yet)"
-    how = f", {rounds['mechanism']}" if rounds else ""
-    return f"{ratio:.3f}x  (IQR {q1:.3f}-{q3:.3f}, {cmp_['rounds']} paired rounds{how})"
-
-
-def speed_cell(r: dict[str, Any]) -> str | None:
-    """Baseline / compressed time, the paired rounds' median with its quartiles: "0.82 [0.81-0.89]"."""
-    ratio, q1, q3 = r.get("speed_ratio"), r.get("speed_ratio_q1"), r.get("speed_ratio_q3")
-    if not isinstance(ratio, int | float):
-        return None
-    both = isinstance(q1, int | float) and isinstance(q3, int | float)
-    return f"{ratio:.2f} [{q1:.2f}-{q3:.2f}]" if both else f"{ratio:.2f}"
-
-
-def _compression_line(res: Results) -> str:
-    c = _comp(res)
-    hit = ", artifact cache hit)" if c.get("artifact_cache_hit") else ")"
-    return (f"{c['compression_ratio']:.3f}x  ({mb(c['original_bytes'])} -> {mb(c['compressed_bytes'])}, "
-            f"{c['compress_time_s']:.2f} s" + hit)
-
-
-def _outputs_line(res: Results) -> str:
-    c = _cmp(res)
-    diff = c["max_abs_logit_diff"]
-    return (f"{'✓' if c['outputs_match'] else '✗'}  (token ids {'equal' if c['token_ids_match'] else 'DIFFER'}, "
-            f"logits {'bit-identical' if c['logits_equal'] else 'DIFFER'}, "
-            f"max |dlogit| {diff if diff is not None else 'n/a'})")
-
-
-def _lossless_line(res: Results) -> str | None:
-    c = _cmp(res)
-    if "weights_lossless" not in c:  # a results.json written before issue 12
-        return None
-    checked = f"{c.get('weights_checked_layers')}/{_comp(res).get('layers_compressed', '?')} layers"
-    verdict = "✓" if c["weights_lossless"] else "not established"
-    return f"{verdict}  ({checked} decoded and checked against the originals)"
-
-
-def _reference_line(res: Results) -> str | None:
-    c = _cmp(res)
-    if "exactness_reference" not in c:
-        return None
-    return {True: "✓  (same kernel on the uncompressed weights: logits bit-identical)",
-            False: "✗  (same kernel on the uncompressed weights: logits DIFFER)",
-            None: "n/a  (no fused kernel ran: nothing to compare it with)"}[c["exactness_reference"]]
-
-
-def _agreement_line(res: Results) -> str | None:
-    v = _cmp(res).get("token_agreement")
-    return None if v is None else f"{v:.1%}  (greedy tokens equal to baseline's)"
-
-
-def _memory_label(what: str) -> str:
-    return f"memory {what} ({{memory_kind}})"
-
-
 S3 = num(".3f", " s")
 _F = Field
 FIELDS: list[Field] = [
     # -- each phase ({side}: baseline, compressed; harness/runner/phase.py) --
     _F("{side}/compile", "", "what torch.compile did: `cudagraphs`, `inductor`, or false (eager)",
-       "compiled", lambda v: str(v) if v else "no", when=_compiled),
+       "compiled", lambda v: str(v) if v else "no", when=compiled),
     _F("{side}/compile_details", "", "torch.compile's counters (compiled runs only)"),
     _F("{side}/warmup", "generations", "untimed generations before the timed ones"),
     _F("{side}/warmup_time_s", "s", "time of the untimed generations (compilation and graph capture happen here)",
-       "warm-up (compile + capture)", num(".1f", " s"), when=_compiled),
+       "warm-up (compile + capture)", num(".1f", " s"), when=compiled),
     _F("{side}/time_s", "s", "median time of one timed generation", "time (median of {repeats})", S3),
     _F("{side}/time_s_min", "s", "fastest timed generation", "time min-max", lambda v: f"{v[0]:.3f}-{v[1]:.3f} s",
        get=lambda r, s: (lambda p: None if p is None else (p["time_s_min"], p["time_s_max"]))(r.get(s))),
     _F("{side}/time_s_max", "s", "slowest timed generation"),
     _F("rounds/{side}/time_s", "s", "median time of one generation over the paired rounds",
-       "time, {rounds} paired rounds", S3, when=_paired),
+       "time, {rounds} paired rounds", S3, when=paired),
     _F("{side}/gpu_time_s", "s", "median time between CUDA events around each generation (null on the CPU)",
        "gpu time (CUDA events)", S3),
     _F("{side}/host_overhead_s", "s", "median wall time outside the CUDA-event window (null on the CPU)",
@@ -205,11 +126,11 @@ FIELDS: list[Field] = [
     _F("{side}/counts_consistent", "", "every timed generation gave the same counts"),
     _F("{side}/memory/kind", "", "`cuda` (torch allocator) or `cpu_rss` (process RSS, sampled every 2 ms)",
        column="memory_kind"),
-    _F("{side}/memory/before_bytes", "bytes", "memory at the start of the phase", _memory_label("before"), mb),
-    _F("{side}/memory/after_bytes", "bytes", "memory at the end of the phase", _memory_label("after"), mb),
-    _F("{side}/memory/peak_bytes", "bytes", "peak memory during the phase", _memory_label("peak"), mb,
+    _F("{side}/memory/before_bytes", "bytes", "memory at the start of the phase", memory_label("before"), mb),
+    _F("{side}/memory/after_bytes", "bytes", "memory at the end of the phase", memory_label("after"), mb),
+    _F("{side}/memory/peak_bytes", "bytes", "peak memory during the phase", memory_label("peak"), mb,
        column="{side}_peak_bytes", header="{s} peak MiB", cell=mib, panel="peak bytes"),
-    _F("{side}/memory/delta_bytes", "bytes", "after - before", _memory_label("delta"), mb),
+    _F("{side}/memory/delta_bytes", "bytes", "after - before", memory_label("delta"), mb),
     _F("{side}/memory/weights_bytes", "bytes", "exact weight bytes on the model's device (dense + compressed there)",
        "weights held (exact)", mb),
     _F("{side}/outputs_stable", "", "every timed generation produced the same tokens"),
@@ -230,21 +151,21 @@ FIELDS: list[Field] = [
        "peak decompressed resident", mb),
     _F("compressed/in_kernel_decodes", "decodes", "layers the fused kernel decoded in registers (`cache=fused`)"),
     _F("compressed/in_kernel_decodes_per_forward_pass", "decodes/pass", "in_kernel_decodes / forward_passes",
-       "decoded in-kernel / pass", num(".1f", " layers"), when=_in_kernel),
+       "decoded in-kernel / pass", num(".1f", " layers"), when=in_kernel),
     _F("compressed/in_kernel_decodes_per_pass", "decodes", "in-kernel decodes of each forward pass"),
     _F("compressed/in_kernel_decodes_per_layer", "decodes", "in-kernel decodes of each compressed layer"),
     _F("compressed/in_kernel_tiles", "tiles", "16-row tiles the fused kernel decoded", "tiles decoded in-kernel",
-       num(","), when=_in_kernel),
+       num(","), when=in_kernel),
     # -- the compression report (harness/runtime/runtime.py CompressionReport) --
     _F("compressed/layers_compressed", "layers", "layers stored compressed", "layers compressed",
-       line=lambda r: f"{_comp(r)['layers_compressed']}/{_comp(r)['layers_total']}", column="layers_compressed",
+       line=lambda r: f"{compressed_of(r)['layers_compressed']}/{compressed_of(r)['layers_total']}", column="layers_compressed",
        panel="layers compressed"),
     _F("compressed/layers_total", "layers", "linear layers of the model (tied weights included)",
        column="layers_total"),
     _F("compressed/original_bytes", "bytes", "dense bytes of the compressed layers"),
     _F("compressed/compressed_bytes", "bytes", "compressed bytes of those layers"),
     _F("compressed/compression_ratio", "x", "original_bytes / compressed_bytes", "compression ratio",
-       line=_compression_line, column="compression_ratio", header="compr. ratio", cell=num(".3f"),
+       line=compression_line, column="compression_ratio", header="compr. ratio", cell=num(".3f"),
        panel="compression ratio"),
     _F("compressed/compress_time_s", "s", "time to compress (artifact cache included)"),
     _F("compressed/skipped_layers", "", "selected layers left dense, with the reason"),
@@ -253,7 +174,7 @@ FIELDS: list[Field] = [
     _F("compressed/artifact_time_s", "s", "hashing the weights + reading or writing the artifact"),
     # -- compressed against baseline (harness/runner/phase.py compare, runtime.lossless, exactness.py) --
     _F("comparison/speed_ratio", "x", "median over the paired rounds of baseline time / compressed time",
-       "speed ratio (base/comp)", line=lambda r: speed_ratio_text(_cmp(r), r.get("rounds")),
+       "speed ratio (base/comp)", line=lambda r: speed_ratio_text(comparison_of(r), r.get("rounds")),
        column="speed_ratio", header="speed ratio [IQR]", row_cell=speed_cell),
     _F("comparison/speed_ratio_q1", "x", "first quartile of the per-round ratios", column="speed_ratio_q1"),
     _F("comparison/speed_ratio_q3", "x", "third quartile of the per-round ratios", column="speed_ratio_q3"),
@@ -262,27 +183,27 @@ FIELDS: list[Field] = [
     _F("comparison/rounds_mechanism", "", "`two_models` (a dense twin) or `same_model` (nothing compressed)"),
     _F("comparison/rounds_outputs_match", "", "every round's outputs matched"),
     _F("comparison/sequential_speed_ratio", "x", "ratio of the two phases' medians (unpaired: host drift in it)"),
-    _F("comparison/slowdown", "x", "1 / speed_ratio", "slowdown", line=lambda r: f"{_cmp(r)['slowdown']:.2f}x  "
+    _F("comparison/slowdown", "x", "1 / speed_ratio", "slowdown", line=lambda r: f"{comparison_of(r)['slowdown']:.2f}x  "
        "(1 / speed ratio)", column="slowdown", header="slowdown", cell=num(".2f"), panel="slowdown"),
     _F("comparison/peak_memory_ratio", "x", "compressed / baseline peak memory", "peak memory ratio",
-       line=lambda r: f"{_cmp(r)['peak_memory_ratio']:.3f}  ({memory_kind(r)})", column="peak_memory_ratio",
+       line=lambda r: f"{comparison_of(r)['peak_memory_ratio']:.3f}  ({memory_kind(r)})", column="peak_memory_ratio",
        header="mem ratio", cell=num(".3f"), panel="memory ratio"),
     _F("comparison/weights_bytes_ratio", "x", "compressed / baseline weights held", "weights held ratio",
-       line=lambda r: f"{_cmp(r)['weights_bytes_ratio']:.3f}  (exact)"),
+       line=lambda r: f"{comparison_of(r)['weights_bytes_ratio']:.3f}  (exact)"),
     _F("comparison/token_ids_match", "", "the generated token ids are equal"),
     _F("comparison/logits_equal", "", "every step's logits are bit-identical (torch.equal)"),
-    _F("comparison/outputs_match", "", "token_ids_match and logits_equal", "outputs match", line=_outputs_line,
+    _F("comparison/outputs_match", "", "token_ids_match and logits_equal", "outputs match", line=outputs_line,
        column="outputs_match", header="outputs match", cell=yes_no),
-    _F("comparison/max_abs_logit_diff", "logit", "largest |logit difference| over every step",
+    _F("comparison/max_abs_logit_diff", "logit", "largest absolute difference of a logit, over every step",
        column="max_abs_logit_diff"),
     _F("comparison/weights_lossless", "", "every compressed layer decoded and matched its checksum (null: unchecked)",
-       "weights lossless", line=_lossless_line, column="weights_lossless", header="lossless", cell=yes_no),
+       "weights lossless", line=lossless_line, column="weights_lossless", header="lossless", cell=yes_no),
     _F("comparison/weights_checked_layers", "layers", "layers whose decode was checked"),
     _F("comparison/token_agreement", "share", "greedy tokens equal to baseline's, position by position",
-       "token agreement", line=_agreement_line, column="token_agreement", header="token agreement",
+       "token agreement", line=agreement_line, column="token_agreement", header="token agreement",
        cell=num(".1%")),
     _F("comparison/exactness_reference", "", "the same kernel fed the uncompressed weights gives the same logits "
-       "(null: no fused kernel ran)", "exactness reference", line=_reference_line, column="exactness_reference",
+       "(null: no fused kernel ran)", "exactness reference", line=reference_line, column="exactness_reference",
        header="exact vs reference", cell=yes_no),
     # -- eval=fidelity (harness/fidelity.py) --
     _F("fidelity/verdict", "", "lm-eval on both models: identical or how they differ", "fidelity (lm-eval)",
@@ -311,6 +232,17 @@ def field(path: str) -> Field:
         if f.path == path:
             return f
     raise KeyError(f"no field {path!r} in harness.schema.FIELDS")
+
+
+def undeclared(results: Results) -> list[str]:
+    """Keys of the phases and the comparison in `results` that FIELDS does not declare (tests keep this empty).
+    A dict value is one field (decompressions_per_layer), except `memory`, whose keys are fields of their own."""
+    declared = {f.key(side) for f in FIELDS for side in SIDES}
+    written = []
+    for section in (*SIDES, "comparison"):
+        for k, v in (results.get(section) or {}).items():
+            written += [f"{section}/memory/{m}" for m in v] if k == "memory" else [f"{section}/{k}"]
+    return [k for k in written if k not in declared]
 
 
 def wandb_key(path: str, side: str = "compressed") -> str:
@@ -349,5 +281,26 @@ def readme_table() -> str:
              "| field | unit | meaning | summary row | report column |", "|---|---|---|---|---|"]
     for f in FIELDS:
         summary = f.label.format(repeats="N", rounds="N", memory_kind="kind") if f.label else ""
-        lines.append(f"| `{f.path}` | {f.unit} | {f.description} | {summary} | {f.column or ''} |")
+        cells = [f"`{f.path}`", f.unit, f.description, summary, f.column or ""]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
+
+
+# README's generated block sits between these two lines; `python -m harness.schema` rewrites what is between.
+README_START = "<!-- results.json keys: generated from harness/schema.py by `python -m harness.schema` -->"
+README_END = "<!-- end of the generated results.json keys -->"
+
+
+def with_readme_table(readme: str) -> str:
+    """README's text with the generated block replaced by readme_table()."""
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{readme_table()}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "README.md"
+    path.write_text(with_readme_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"rewrote the results.json tables in {path}")
