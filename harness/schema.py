@@ -4,8 +4,9 @@ The printed summary (harness.results), the sweep report's columns (harness.repor
 dashboard), the W&B report's panels (harness.report.wandb_workspace) and README's results.json table
 (`python -m harness.schema`) all derive from FIELDS. Adding a field is one entry here (the code that measures it
 writes it into results.json under `path`) plus its test. The producers (runner/phase.py, CompressionReport,
-Stats.snapshot, compare) still build their own dicts: the schema describes their keys, and tests/test_schema.py
-fails when a produced key is missing here.
+Stats.snapshot, compare) still build their own dicts: the schema describes their keys, and tests fail when a
+produced key is missing here (undeclared(): tests/test_schema.py for the producers, tests/test_rounds.py for a
+whole run).
 
 Order matters: the summary prints rows and lines in FIELDS order, and the report's columns follow it too.
 """
@@ -40,6 +41,7 @@ from harness.schema_format import (
 )
 
 SIDE_ABBR = {"baseline": "base", "compressed": "comp"}  # report headers: "base tok/s", "comp tok/s"
+
 
 @dataclass(frozen=True)
 class Field:
@@ -238,11 +240,11 @@ def undeclared(results: Results) -> list[str]:
     """Keys of the phases and the comparison in `results` that FIELDS does not declare (tests keep this empty).
     A dict value is one field (decompressions_per_layer), except `memory`, whose keys are fields of their own."""
     declared = {f.key(side) for f in FIELDS for side in SIDES}
-    written = []
+    keys = []
     for section in (*SIDES, "comparison"):
         for k, v in (results.get(section) or {}).items():
-            written += [f"{section}/memory/{m}" for m in v] if k == "memory" else [f"{section}/{k}"]
-    return [k for k in written if k not in declared]
+            keys += [f"{section}/memory/{m}" for m in v] if k == "memory" else [f"{section}/{k}"]
+    return [k for k in keys if k not in declared]
 
 
 def wandb_key(path: str, side: str = "compressed") -> str:
