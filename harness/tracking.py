@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # config (`model`, `cache` are dicts there): hence `model_name`, `cache_policy`.
 FLAT_KEYS = ("model_name", "codec", "cache_policy", "layers")
 
+# results.json's sections whose numbers the W&B summary holds, flattened with "/" (as harness.schema's paths are).
+MEASURED_SECTIONS = ("baseline", "compressed", "comparison", "rounds")
+
 SWEEP_JOB_TYPE = "sweep"
 TAG_MAX = 64  # W&B rejects longer tags
 NAME_MAX = 128
@@ -39,6 +42,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(v, (int, float, bool)) and not isinstance(v, type(None)):
             out[key] = v
     return out
+
+
+def wandb_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Every number of results.json's measured sections, keyed by its path: the schema's paths
+    (harness.schema.FIELDS: `compressed/tokens_per_s`, `comparison/speed_ratio`, ...), plus the numbers it does
+    not detail (`rounds/<side>/time_s_q1`, ...), the status and the fidelity verdict per task."""
+    sections = {k: results[k] for k in MEASURED_SECTIONS if isinstance(results.get(k), dict)}
+    summary = _flat(sections)
+    summary["status"] = results.get("status")
+    if results.get("fidelity"):
+        summary["fidelity/verdict"] = results["fidelity"]["verdict"]
+        for task, t in results["fidelity"]["tasks"].items():
+            summary[f"fidelity/{task}/max_abs_loglikelihood_diff"] = t["max_abs_loglikelihood_diff"]
+            summary[f"fidelity/{task}/samples_differing"] = t["samples_differing"]
+    return summary
 
 
 def flat_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -204,16 +222,7 @@ class WandbTracker(NullTracker):
     def log_results(self, results, layer_rows, fidelity_rows):
         import wandb
 
-        # comparison/speed_ratio, _q1, _q3, /rounds and rounds/<side>/time_s ...: the same keys as results.json
-        sections = {k: results[k] for k in ("baseline", "compressed", "comparison", "rounds")
-                    if isinstance(results.get(k), dict)}
-        summary = _flat(sections)
-        summary["status"] = results.get("status")
-        if results.get("fidelity"):
-            summary["fidelity/verdict"] = results["fidelity"]["verdict"]
-            for task, t in results["fidelity"]["tasks"].items():
-                summary[f"fidelity/{task}/max_abs_loglikelihood_diff"] = t["max_abs_loglikelihood_diff"]
-                summary[f"fidelity/{task}/samples_differing"] = t["samples_differing"]
+        summary = wandb_summary(results)
         self.run.summary.update(summary)
         tables = {}
         if layer_rows:

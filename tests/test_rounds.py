@@ -23,6 +23,7 @@ from harness.runner import callbacks as cb
 from harness.runner.module import GenerationModule
 from harness.runner.paired import SAME_MODEL, TWO_MODELS, dense_twin, rounds_warmup, run_rounds
 from harness.runtime import CompressedLinear, compress_model
+from harness.schema import undeclared
 from harness.tracking import _flat, rounds_table
 
 PROMPTS = ["The capital of France is"]
@@ -159,6 +160,7 @@ def test_run_writes_paired_figures_and_honest_memory(tmp_path):
     # phase held its compressed bytes and nothing of the twin's dense layers.
     base_w, comp_w = res["baseline"]["memory"]["weights_bytes"], res["compressed"]["memory"]["weights_bytes"]
     assert comp_w == base_w - res["compressed"]["original_bytes"] + res["compressed"]["compressed_bytes"]
+    assert undeclared(res) == []  # every key the run wrote is a harness.schema field
     text = summary_table(res)
     assert "3 paired rounds" in text and f"IQR {cmp_['speed_ratio_q1']:.3f}-{cmp_['speed_ratio_q3']:.3f}" in text
     assert [r["round"] for r in rounds_table(rounds)] == [1, 2, 3]

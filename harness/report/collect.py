@@ -13,44 +13,20 @@ from typing import Any
 import yaml
 
 from harness.errors import HarnessError
+from harness.schema import column_value, report_columns
 
 RESULTS_FILE = "results.json"
 
-# Column order of comparison.csv; every row has exactly these keys.
-COLUMNS = [
-    "job",
-    "job_dir",
-    "overrides",
-    "status",
-    "error",
-    "model",
-    "codec",
-    "cache",
-    "layers",
-    "layers_compressed",
-    "layers_total",
-    "baseline_tok_s",
-    "compressed_tok_s",
-    "speed_ratio",
-    "speed_ratio_q1",
-    "speed_ratio_q3",
-    "rounds",
-    "slowdown",
-    "memory_kind",
-    "baseline_peak_bytes",
-    "compressed_peak_bytes",
-    "peak_memory_ratio",
-    "compression_ratio",
-    "forward_passes",
-    "decompressions",
-    "decompressions_per_forward_pass",
-    "outputs_match",
-    "token_agreement",
-    "max_abs_logit_diff",
-    "weights_lossless",
-    "exactness_reference",
-    "fidelity",
-]
+# The job's identity: where it ran and what it was asked to do (config and overrides, not results.json fields).
+JOB_COLUMNS = ["job", "job_dir", "overrides", "status", "error", "model", "codec", "cache", "layers"]
+
+
+def columns() -> list[str]:
+    """Column order of comparison.csv: the job's identity, then every report column of harness.schema.FIELDS."""
+    return JOB_COLUMNS + [name for name, _, _ in report_columns()]
+
+
+COLUMNS = columns()  # every row has exactly these keys
 
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
@@ -76,10 +52,6 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     overrides = results.get("overrides")
     if overrides is None:
         overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml") or []
-    base = results.get("baseline") or {}
-    comp = results.get("compressed") or {}
-    cmp = results.get("comparison") or {}
-
     status = results.get("status") or "failed"
     error = results.get("error") or problem
     if status != "completed" and not error:
@@ -96,31 +68,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "codec": _name(_get(config, "compress", "codec")),
         "cache": _name(_get(config, "cache")),
         "layers": _get(config, "compress", "layers"),
-        "layers_compressed": comp.get("layers_compressed"),
-        "layers_total": comp.get("layers_total"),
-        "baseline_tok_s": base.get("tokens_per_s"),
-        "compressed_tok_s": comp.get("tokens_per_s"),
-        # the paired rounds' median and quartiles (absent from results.json written before them: None)
-        "speed_ratio": cmp.get("speed_ratio"),
-        "speed_ratio_q1": cmp.get("speed_ratio_q1"),
-        "speed_ratio_q3": cmp.get("speed_ratio_q3"),
-        "rounds": cmp.get("rounds"),
-        "slowdown": cmp.get("slowdown"),
-        "memory_kind": _get(comp, "memory", "kind") or _get(base, "memory", "kind"),
-        "baseline_peak_bytes": _get(base, "memory", "peak_bytes"),
-        "compressed_peak_bytes": _get(comp, "memory", "peak_bytes"),
-        "peak_memory_ratio": cmp.get("peak_memory_ratio"),
-        "compression_ratio": comp.get("compression_ratio"),
-        "forward_passes": comp.get("forward_passes", base.get("forward_passes")),
-        "decompressions": comp.get("decompressions"),
-        "decompressions_per_forward_pass": comp.get("decompressions_per_forward_pass"),
-        "outputs_match": cmp.get("outputs_match"),
-        # honest exactness (README "Reading the results"); absent before issue 12: None
-        "token_agreement": cmp.get("token_agreement"),
-        "max_abs_logit_diff": cmp.get("max_abs_logit_diff"),
-        "weights_lossless": cmp.get("weights_lossless"),
-        "exactness_reference": cmp.get("exactness_reference"),
-        "fidelity": _get(results, "fidelity", "verdict"),
+        # the results.json fields (None where the file has none: a failed job, or one from before the field)
+        **{name: column_value(results, f, side) for name, f, side in report_columns()},
     }
 
 

@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from harness.report.tables import DISPLAY, cell, common_overrides, varying_overrides
+from harness.report.tables import cell, common_overrides, display_columns, varying_overrides
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d2433;
@@ -79,7 +79,7 @@ def render_dashboard(sweep_dir: Path, rows: list[dict[str, Any]], pngs: dict[str
     common = common_overrides(rows)
     # A column with one value for every job says nothing per row: state it once under the table instead.
     constant = {k: vals.pop() for k in CONSTANT_CANDIDATES if len(vals := {r[k] for r in rows} - {None}) == 1}
-    columns = [(h, get) for h, get in DISPLAY if h not in constant]
+    columns = [(h, get) for h, get in display_columns() if h not in constant]
     shared = [f"{k} <code>{escape(str(v))}</code>" for k, v in constant.items()]
     if common:
         shared.append(f"overrides <code>{escape(' '.join(common))}</code>")

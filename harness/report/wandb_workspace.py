@@ -28,19 +28,20 @@ from urllib.parse import urlparse
 
 from harness.errors import HarnessError
 from harness.report.collect import find_job_dirs, read_results
+from harness.schema import panel_keys, wandb_key
 
 EXIT_OFFLINE = 2
 
-# W&B summary keys written by harness.tracking (results.json sections, flattened with "/").
-LAYERS = "compressed/layers_compressed"
-TOK_S = "compressed/tokens_per_s"
-BASE_TOK_S = "baseline/tokens_per_s"
-SLOWDOWN = "comparison/slowdown"
-PEAK = "compressed/memory/peak_bytes"
-BASE_PEAK = "baseline/memory/peak_bytes"
-MEM_RATIO = "comparison/peak_memory_ratio"
-DECOMP_PER_PASS = "compressed/decompressions_per_forward_pass"
-RATIO = "compressed/compression_ratio"
+# W&B summary keys written by harness.tracking (results.json sections, flattened with "/"): looked up in the
+# schema, so a renamed field fails here at import instead of plotting nothing.
+LAYERS = wandb_key("compressed/layers_compressed")
+TOK_S = wandb_key("{side}/tokens_per_s", "compressed")
+BASE_TOK_S = wandb_key("{side}/tokens_per_s", "baseline")
+SLOWDOWN = wandb_key("comparison/slowdown")
+PEAK = wandb_key("{side}/memory/peak_bytes", "compressed")
+BASE_PEAK = wandb_key("{side}/memory/peak_bytes", "baseline")
+DECOMP_PER_PASS = wandb_key("compressed/decompressions_per_forward_pass")
+RATIO = wandb_key("compressed/compression_ratio")
 # Flat config keys (harness.tracking.FLAT_KEYS); the policy is what panels and the second run set group by.
 GROUP_KEY = "cache_policy"
 CONFIG_KEYS = ("model_name", "codec", "cache_policy", "layers")
@@ -91,18 +92,8 @@ def build_panels(wr: Any) -> tuple[list[Any], list[Any]]:
     ]
     _grid(wr, per_run)
     columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in CONFIG_KEYS]
-    columns += [
-        wr.ParallelCoordinatesPlotColumn(metric=s(k), display_name=name)
-        for k, name in (
-            (LAYERS, "layers compressed"),
-            (RATIO, "compression ratio"),
-            (DECOMP_PER_PASS, "decompressions/pass"),
-            (PEAK, "peak bytes"),
-            (MEM_RATIO, "memory ratio"),
-            (TOK_S, "tokens/s"),
-            (SLOWDOWN, "slowdown"),
-        )
-    ]
+    # every schema field with a `panel` axis name (harness.schema.FIELDS)
+    columns += [wr.ParallelCoordinatesPlotColumn(metric=s(k), display_name=name) for k, name in panel_keys()]
     y = 6 * ((len(per_run) + 2) // 3)
     per_run.append(
         wr.ParallelCoordinatesPlot(title="config -> results", columns=columns, layout=wr.Layout(x=0, y=y, w=24, h=8))
