@@ -8,7 +8,7 @@ import os
 import warnings
 
 import pytest
-from conftest import CONF
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from harness.__main__ import LAUNCHER_PLUGINS, missing_launcher_plugin
@@ -16,13 +16,10 @@ from harness.job_resources import gpus, gpus_per_job, register_resolvers
 
 
 def launcher(name: str) -> dict:
-    from hydra import compose, initialize_config_dir
-
     register_resolvers()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+        cfg = compose_config(f"hydra/launcher={name}", return_hydra_config=True)
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
 
 
