@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import CONF, compose_config
+from conftest import CONF, RunIf, compose_config
 from omegaconf import OmegaConf
 
 import harness.models as models
@@ -179,7 +179,7 @@ def test_hf_hub_id_while_offline(monkeypatch, gguf_file):
     assert str(err.value) == expected
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+@RunIf(no_cuda=True)
 def test_cuda_without_cuda():
     expected = "CUDA requested (device=cuda) but torch.cuda.is_available() is False; use device=auto or cpu"
     with pytest.raises(HarnessError) as err:
