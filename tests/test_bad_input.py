@@ -2,7 +2,7 @@
 
 In process (no interpreter start per case): each case runs `experiment.run` on the tiny model and watches the
 model load and the phases through spies that call the real functions. The command-line side (exit code 2, at
-most 3 lines of output) is held by the subprocess tests in test_cli.py and test_reliability.py.
+most 3 lines of output) is held by the subprocess tests in test_cli.py and test_cli_bad_input.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 import yaml
-from conftest import tiny_run_config
+from conftest import compose_config, tiny_run_config
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -236,11 +236,12 @@ def test_evaluate_does_not_retie_a_swapped_lm_head(tok):
 
 
 def test_eval_configs_compose():
-    none, fid = (yaml.safe_load((REPO / f"conf/eval/{n}.yaml").read_text()) for n in ("none", "fidelity"))
-    assert (none["name"], fid["name"]) == ("none", "fidelity")
+    # experiment.py dispatches on eval.name: each option must carry its own name, and every option the same keys
+    none, fid = (compose_config(f"eval={n}").eval for n in ("none", "fidelity"))
+    assert (none.name, fid.name) == ("none", "fidelity")
     assert none.keys() == fid.keys()
-    assert fid["tasks"] == fidelity.DEFAULT_TASKS
-    assert set(fid["tasks"]) <= set(fidelity.bundled_tasks())
+    assert list(fid.tasks) == fidelity.DEFAULT_TASKS
+    assert set(fid.tasks) <= set(fidelity.bundled_tasks())
 
 
 def test_module_imports_without_lm_eval():
