@@ -2,7 +2,7 @@
 
 In process (no interpreter start per case): each case runs `experiment.run` on the tiny model and watches the
 model load and the phases through spies that call the real functions. The command-line side (exit code 2, at
-most 3 lines of output) is held by the subprocess tests in test_cli.py and test_reliability.py.
+most 3 lines of output) is held by the subprocess tests in test_cli.py and test_cli_bad_input.py.
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CONF
-from hydra import compose, initialize_config_dir
+from conftest import tiny_run_config
 
 import harness.experiment as experiment
 from harness.errors import HarnessError
-
-TINY = ["model=tiny", "logger=none", "generate.max_new_tokens=2", "generate.min_new_tokens=2", "generate.repeats=1",
-        "generate.warmup=0"]
 
 # case -> (overrides, what the error says, whether the model must load first to know)
 CASES = {
@@ -52,8 +48,7 @@ CASES = {
 
 
 def cfg_of(tmp_path, overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, f"compress.cache_dir={tmp_path / 'art'}", *overrides])
+    return tiny_run_config(tmp_path, *overrides)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import assert_refused
+from conftest import RunIf, assert_refused
 
 TINY = ["model=tiny", "generate.max_new_tokens=4", "generate.min_new_tokens=4", "generate.repeats=2"]
 LINEARS = 15  # tiny Llama: 2 blocks x 7 + lm_head
@@ -82,7 +82,7 @@ def test_unknown_group_option_names_the_choices(harness_cli, tmp_path):
     assert "cache" in proc.stderr and "per_forward_pass" in proc.stderr and "prefetch" in proc.stderr
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error raised without CUDA")
+@RunIf(no_cuda=True)
 def test_gpu_preset_without_cuda_is_one_line(harness_cli, tmp_path):
     proc = harness_cli([*TINY, "experiment=gpu", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import RunIf
 from test_codecs import DTYPES, bits, weights_with_specials
 
-pytest.importorskip("zipnn")
+from harness.codecs import CompressedTensor, checksum, make_codec
+from harness.errors import HarnessError, IntegrityError
+from harness.generation import greedy_generate
+from harness.runtime import compress_model
 
-from harness.codecs import CompressedTensor, checksum, make_codec  # noqa: E402
-from harness.errors import HarnessError, IntegrityError  # noqa: E402
-from harness.generation import greedy_generate  # noqa: E402
-from harness.models import tiny_llama  # noqa: E402
-from harness.runtime import compress_model  # noqa: E402
+pytestmark = RunIf(packages=["zipnn"])  # harness imports zipnn only when the codec is made
 
 SMALL_CHUNK = 4096  # several ZipNN chunks even for small tensors
 
@@ -74,10 +74,10 @@ def test_settings_and_bad_input():
         codec.decode(codec.encode(torch.ones(10, dtype=torch.bfloat16)), out=torch.empty(10, dtype=torch.float16))
 
 
-def test_zipnn_runtime_generation_is_bit_exact():
-    loaded = tiny_llama(seed=0)
+def test_zipnn_runtime_generation_is_bit_exact(tiny_dense, tiny_reference):
+    loaded = tiny_dense
     prompts = ["The capital of France is", "Lossless"]
-    ref = greedy_generate(loaded.model, loaded.tokenizer, prompts, 4, 4)
+    ref = tiny_reference(prompts, 4)
     model = copy.deepcopy(loaded.model)
     runtime = compress_model(model, make_codec("zipnn"), layers="all", policy="per_forward_pass", progress=False)
     out = greedy_generate(model, loaded.tokenizer, prompts, 4, 4)

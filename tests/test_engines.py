@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, RunIf
 from test_report import PLOT_STEMS
 from test_sweep import offline_run
 
@@ -137,12 +137,8 @@ def assert_sound_artifact(path: Path) -> None:
 # submitit (hydra/launcher=submitit_local)
 
 
-@pytest.fixture
-def submitit_installed():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-
-
-def test_submitit_local_sweep(submitit_installed, tmp_path):
+@RunIf(packages=["hydra_plugins.hydra_submitit_launcher"])
+def test_submitit_local_sweep(tmp_path):
     proc, sweep_dir = start_sweep("submitit_local", tmp_path, *SWEEP)
     kill_job(sweep_dir / KILLED, [psutil.Process(proc.pid)])  # the job runs in a child of submitit's controller
     output = finish(proc, tmp_path)
@@ -168,7 +164,6 @@ def ray_cluster(tmp_path_factory):
     PYTHONPATH, W&B offline. Ray's token authentication stays on, as `ray start` sets it up (the token in
     ~/.ray/auth_token); a driver given an explicit address sends the token only with RAY_AUTH_MODE=token.
     Stopped with SIGTERM (--block then stops what it started), SIGKILL to the group if that takes too long."""
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     port = _free_port()
     log = tmp_path_factory.mktemp("ray") / "ray.log"
     # Its own temp dir: its sessions, logs and sockets, and the record of "the cluster last started here", which
@@ -202,6 +197,7 @@ def ray_cluster(tmp_path_factory):
         assert not left, f"the Ray cluster left processes behind: {left}"
 
 
+@RunIf(packages=["hydra_plugins.hydra_ray_launcher"])  # before ray_cluster starts a cluster for nothing
 def test_ray_sweep(ray_cluster, tmp_path):
     head, join = ray_cluster
     proc, sweep_dir = start_sweep("ray", tmp_path, *SWEEP, env=join)

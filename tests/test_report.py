@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import RunIf
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from matplotlib.image import imread
@@ -264,9 +265,7 @@ def _cli(sweep_dir: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
-)
+@RunIf(chromium=True)
 def test_dashboard_in_headless_chromium(sweep, tmp_path):
     sweep_dir, _ = sweep
     html = write_report(sweep_dir)["html"]

@@ -7,8 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CONF
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from torch import nn
 
 from harness.codecs import make_codec
@@ -33,11 +32,6 @@ LINEARS = 15  # tiny Llama: 2 blocks x 7 + the untied lm_head
 
 def callbacks():
     return [cb.ForwardPassCounter(), cb.GenerationTimer(), cb.CachePolicyBoundaries(), cb.PhaseMemory()]
-
-
-def compose_with(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 # -- the arithmetic ------------------------------------------------------------------------------------------
@@ -130,15 +124,15 @@ def test_warmup_count_covers_compilation():
 # -- config and results ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [0, -2, "many", True, 1.5])
 def test_bad_rounds_fail_before_the_model_loads(value):
-    cfg = compose_with([f"generate.rounds={str(value).lower() if isinstance(value, bool) else value}"])
+    cfg = compose_config(f"generate.rounds={str(value).lower() if isinstance(value, bool) else value}")
     with pytest.raises(HarnessError, match="generate.rounds=.* is invalid"):
         validate(cfg)
 
 
 def test_rounds_default_by_device():
-    assert rounds_of(compose_with(["device=cpu"])) == AUTO_ROUNDS["cpu"] >= 3
+    assert rounds_of(compose_config("device=cpu")) == AUTO_ROUNDS["cpu"] >= 3
     assert AUTO_ROUNDS["cuda"] >= 5
-    assert rounds_of(compose_with(["device=cpu", "generate.rounds=7"])) == 7
+    assert rounds_of(compose_config("device=cpu", "generate.rounds=7")) == 7
 
 
 TINY = ["model=tiny", "logger=none", "device=cpu", f"generate.max_new_tokens={NEW}", f"generate.min_new_tokens={NEW}",
@@ -146,7 +140,7 @@ TINY = ["model=tiny", "logger=none", "device=cpu", f"generate.max_new_tokens={NE
 
 
 def test_run_writes_paired_figures_and_honest_memory(tmp_path):
-    res = run(compose_with([*TINY, "compress.layers=all"]), tmp_path, [])
+    res = run(compose_config(*TINY, "compress.layers=all"), tmp_path, [])
     cmp_, rounds = res["comparison"], res["rounds"]
     assert res["status"] == "completed" and cmp_["rounds_mechanism"] == TWO_MODELS == rounds["mechanism"]
     for key in ("speed_ratio", "speed_ratio_q1", "speed_ratio_q3", "rounds", "slowdown", "peak_memory_ratio",
@@ -171,7 +165,7 @@ def test_run_writes_paired_figures_and_honest_memory(tmp_path):
 
 
 def test_layers_0_control_runs_one_model_near_1(tmp_path):
-    res = run(compose_with([*TINY, "compress.layers=0", "generate.rounds=5"]), tmp_path, [])
+    res = run(compose_config(*TINY, "compress.layers=0", "generate.rounds=5"), tmp_path, [])
     assert res["comparison"]["rounds_mechanism"] == SAME_MODEL
     # Same module objects, alternated: only noise separates the sides. A loose bound, so a busy host cannot
     # flake it; the mechanism above is the exact check.

@@ -26,9 +26,8 @@ def generate(loaded, n=NEW):
 
 
 @pytest.fixture(scope="module")
-def baseline():
-    loaded = tiny_llama(seed=0)
-    return loaded, generate(loaded)
+def baseline(tiny_dense, tiny_reference):
+    return tiny_dense, tiny_reference(PROMPTS, NEW)
 
 
 def compressed_copy(loaded, policy="per_forward_pass", codec="zstd_grouped", **kw):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import RunIf
 from test_report import CHROMIUM, PLOT_STEMS  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 
 from harness.tracking import FLAT_KEYS, SweepInfo, flat_config, make_tracker, run_identity, sweep_group
@@ -99,7 +100,7 @@ def headless_dom(html: Path, profile: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+@RunIf(chromium=True)
 def test_tiny_2x2_sweep_results_report_dashboard_and_one_wandb_group(harness_cli, tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = [
@@ -249,8 +250,8 @@ def _workspace_cli(*args: str, env: dict | None = None, home: Path | None = None
     ],
     ids=["wandb-mode-offline", "server-unreachable", "no-api-key"],
 )
+@RunIf(packages=["wandb_workspaces"])
 def test_workspace_command_offline_says_it_needs_the_network(tmp_path, env, why):
-    pytest.importorskip("wandb_workspaces")
     with socket.create_server(("127.0.0.1", 0)) as server:  # a "server" that is up but never answers
         env = {k: v.format(port=server.getsockname()[1]) for k, v in env.items()}
         proc = _workspace_cli("--group", "sweep-2025-01-01-12-00-00", env=env, home=tmp_path)
@@ -259,8 +260,8 @@ def test_workspace_command_offline_says_it_needs_the_network(tmp_path, env, why)
     assert proc.stderr.startswith("error: a W&B report needs the network") and why in proc.stderr
 
 
+@RunIf(packages=["wandb_workspaces"])
 def test_workspace_command_prints_the_report_spec_offline(tmp_path):
-    pytest.importorskip("wandb_workspaces")
     job = tmp_path / "sweep" / "0"
     job.mkdir(parents=True)
     logger = {"name": "wandb", "group": "sweep-x-123456", "project": "proj", "entity": None}
