@@ -21,23 +21,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpu_timing import copy_bandwidth, graph_time_us  # noqa: E402
+from gpu_timing import LLAMA_LINEARS, copy_bandwidth, graph_time_us  # noqa: E402
 
 from harness.fused import kernel as fk  # noqa: E402
 from harness.fused.format import decode, encode, escape_count  # noqa: E402
 
-SHAPES = {  # name: (N, K, count per model) -- count weights a whole decode step
-    "8b.q_o": (4096, 4096, 64),
-    "8b.k_v": (1024, 4096, 64),
-    "8b.gate_up": (14336, 4096, 64),
-    "8b.down": (4096, 14336, 32),
-    "8b.lm_head": (128256, 4096, 1),
-    "1b.q_o": (2048, 2048, 32),
-    "1b.k_v": (512, 2048, 32),
-    "1b.gate_up": (8192, 2048, 32),
-    "1b.down": (2048, 8192, 16),
-    "1b.lm_head": (128256, 2048, 1),
-}
+SHAPES = LLAMA_LINEARS
 ROTATE_BYTES = 256e6  # >4x the L2, per variant
 SM_COUNT_TARGET = 132
 DEVICE = "cuda"  # a CPU smoke run (TRITON_INTERPRET=1) swaps it and the timers

@@ -24,21 +24,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_timing import copy_bandwidth, graph_time_us  # noqa: E402
+from gpu_timing import LLAMA_LINEARS, copy_bandwidth, graph_time_us  # noqa: E402
 
 from harness.fused import lut3, lut3_cuda  # noqa: E402
 
-SHAPES = {  # name: (N, K, uses per decode step of the model)
-    "8b.q_o": (4096, 4096, 64),
-    "8b.k_v": (1024, 4096, 64),
-    "8b.gate_up": (14336, 4096, 64),
-    "8b.down": (4096, 14336, 32),
-    "8b.lm_head": (128256, 4096, 1),
-    "1b.q_o": (2048, 2048, 32),
-    "1b.k_v": (512, 2048, 32),
-    "1b.gate_up": (8192, 2048, 32),
-    "1b.down": (2048, 8192, 16),
-    "1b.lm_head": (128256, 2048, 1),
+SHAPES = {
+    **LLAMA_LINEARS,
     # escape-dense (exponents spread over ~20 values, most weights escape): exercises the kernel's fallback path
     "stress.wide": (4096, 4096, 0),
 }

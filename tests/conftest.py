@@ -165,3 +165,25 @@ def pytest_collection_modifyitems(config, items):
             continue
         if "harness_cli" in getattr(item, "fixturenames", ()) or any(s in source for s in _SLOW_SOURCE):
             item.add_marker(pytest.mark.slow)
+
+
+def assert_generation_bit_exact(loaded, reference, codec: str, policy: str, tokens: int = 4) -> None:
+    """Every linear layer of the (session) tiny model in `codec` under `policy`: greedy logits and tokens equal the
+    dense model's, bit for bit. `reference` is the tiny_reference fixture."""
+    import copy
+
+    import torch
+
+    from harness.codecs import make_codec
+    from harness.generation import greedy_generate
+    from harness.runtime import compress_model
+
+    prompts = ["The capital of France is", "Lossless"]
+    ref = reference(prompts, tokens)
+    model = copy.deepcopy(loaded.model)
+    runtime = compress_model(model, make_codec(codec), layers="all", policy=policy, progress=False)
+    try:
+        out = greedy_generate(model, loaded.tokenizer, prompts, tokens, tokens)
+        assert torch.equal(out.logits, ref.logits) and out.new_token_ids == ref.new_token_ids
+    finally:
+        runtime.close()

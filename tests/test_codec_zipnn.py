@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from conftest import RunIf
+from conftest import RunIf, assert_generation_bit_exact
 from test_codecs import DTYPES, bits, weights_with_specials
 
 from harness.codecs import CompressedTensor, checksum, make_codec
 from harness.errors import HarnessError, IntegrityError
-from harness.generation import greedy_generate
-from harness.runtime import compress_model
 
 pytestmark = RunIf(packages=["zipnn"])  # harness imports zipnn only when the codec is made
 
@@ -75,11 +72,4 @@ def test_settings_and_bad_input():
 
 
 def test_zipnn_runtime_generation_is_bit_exact(tiny_dense, tiny_reference):
-    loaded = tiny_dense
-    prompts = ["The capital of France is", "Lossless"]
-    ref = tiny_reference(prompts, 4)
-    model = copy.deepcopy(loaded.model)
-    runtime = compress_model(model, make_codec("zipnn"), layers="all", policy="per_forward_pass", progress=False)
-    out = greedy_generate(model, loaded.tokenizer, prompts, 4, 4)
-    assert torch.equal(out.logits, ref.logits) and out.new_token_ids == ref.new_token_ids
-    runtime.close()
+    assert_generation_bit_exact(tiny_dense, tiny_reference, "zipnn", "per_forward_pass")

@@ -16,13 +16,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import RunIf
+from conftest import RunIf, assert_generation_bit_exact
 
 from harness.codecs import CompressedTensor, checksum, make_codec
 from harness.codecs import dfloat11_format as fmt
 from harness.errors import HarnessError, IntegrityError
-from harness.generation import greedy_generate
-from harness.runtime import compress_model
 
 # The codec loads dahuffman and dfloat11 only when it is made: without them these tests skip, never fail to import.
 pytestmark = RunIf(packages=["dahuffman", "dfloat11"])
@@ -183,11 +181,4 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 
 
 def test_df11_runtime_generation_is_bit_exact(tiny_dense, tiny_reference):
-    loaded = tiny_dense
-    prompts = ["The capital of France is", "Lossless"]
-    ref = tiny_reference(prompts, 4)
-    model = copy.deepcopy(loaded.model)
-    runtime = compress_model(model, make_codec("dfloat11"), layers="all", policy="none", progress=False)
-    out = greedy_generate(model, loaded.tokenizer, prompts, 4, 4)
-    assert torch.equal(out.logits, ref.logits) and out.new_token_ids == ref.new_token_ids
-    runtime.close()
+    assert_generation_bit_exact(tiny_dense, tiny_reference, "dfloat11", "none")
