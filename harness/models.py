@@ -1,5 +1,8 @@
 """Model loading by kind: the default SmolLM2 (a GGUF converted once and cached), any HF model, random Llamas.
 
+(Longer than most files here: four model kinds share one loading path and one set of checks; split by kind, each
+would repeat the dtype, device and tokenizer handling.)
+
 `load_model(cfg, device)` reads a conf/model/<name>.yaml mapping and returns a `LoadedModel`: the model in
 eval mode on the device with contiguous weights, and a left-padding tokenizer with a pad token.
 """

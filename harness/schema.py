@@ -1,4 +1,5 @@
 """The one schema of results.json: every measured field once, with its unit, its meaning and where it shows.
+(Past 300 lines because it is a data table: one entry per field.)
 
 The printed summary (harness.results), the sweep report's columns (harness.report: comparison.csv/.md, the
 dashboard), the W&B report's panels (harness.report.wandb_workspace) and README's results.json table

@@ -1,5 +1,8 @@
 """nvCOMP ANS through its low-level batched C API (ctypes): our own chunk layout, no host work per decode.
 
+(Past 300 lines on purpose: the ctypes bindings, the pointer tables and the three prepared-decode paths share
+private state that would have to be exposed to split them; the payload layout is already in nvcomp_layout.py.)
+
 Why not the Python API (`nvcomp_ans`): its `decode` costs 70-100 us of host time per call and builds its
 wrappers each time; HF eager decoding is host-bound, so that cost lands on every token. Here a tensor is cut
 into fixed-size chunks that nvCOMP codes independently; the pointer tables a decode needs are built once per

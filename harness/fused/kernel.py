@@ -1,5 +1,8 @@
 """Triton GEMV kernel for y = x @ W.T (x: M <= 8 tokens) with W in the exp3 v2 format, decoded in registers.
 
+A measured candidate, kept with its tests and numbers (docs/fused.md); the kernel in use is lut3_kernel.cu. One
+kernel family and its op registrations, so one file even past 300 lines.
+
 v2 design (docs/fused.md says why v1 was slow and inexact):
 - No tl.dot. A program owns BLOCK_N rows and a range of k blocks (split-K). Per k block it decodes the
   [BLOCK_N, tk] tile elementwise, viewed as [BLOCK_N, tk/16, 16] so each thread owns whole 16-weight groups: one

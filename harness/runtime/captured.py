@@ -1,4 +1,5 @@
 """Capturable cache policies, for `generate.compile=true`: decoding that torch.compile and CUDA graphs can take.
+(Just past 300 lines: the three capturable policies and the two ops they share.)
 
 The eager policies make per-call Python decisions (dicts, events, growing buffers) that a CUDA graph cannot
 replay. Here each decode is one call of the opaque operator `codecllm::decode_group(x, counts, handle)`:

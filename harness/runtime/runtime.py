@@ -1,4 +1,8 @@
-"""Compress a model's selected linear layers in place and serve their weights through a cache policy."""
+"""Compress a model's selected linear layers in place and serve their weights through a cache policy.
+
+(Past 300 lines: the runtime owns every decompression and its exact accounting, for all policies and both
+placements; the policies, layers, embeddings and counters are already files of their own.)
+"""
 
 from __future__ import annotations
 
