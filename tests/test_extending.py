@@ -28,9 +28,6 @@ from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, dtype
 class RawCopy(Codec):
     name = "raw_copy"
 
-    def __init__(self, level=None, threads=None):  # other codecs' settings, accepted as every codec does
-        pass
-
     def encode(self, t):
         return CompressedTensor(codec=self.name, shape=tuple(t.shape), dtype=dtype_name(t.dtype),
                                 original_nbytes=t.numel() * t.element_size(), checksum=checksum(t),
