@@ -36,6 +36,7 @@ from harness.runner.phase import compare, run_phase
 from harness.runtime import CAPTURED_POLICIES, POLICIES
 from harness.runtime.fused import check_setup as check_fused
 from harness.runtime.fused import refuse_transposed
+from harness.runtime.policies import LRU
 from harness.runtime.runtime import VERIFY_MODES, CompressedRuntime, check_placement
 from harness.selection import ORDERS, Selection, parse_count, select_layers
 from harness.tracking import make_tracker
@@ -170,16 +171,9 @@ def check_loaded(cfg: DictConfig, model) -> Selection:
     if POLICIES.get(cfg.cache.name).computes_linear:  # a Conv1D (GPT-2) is neither: it stores W.T
         dense_kinds = torch.nn.Linear | torch.nn.Embedding
         refuse_transposed([c.name for c in selection.chosen if not isinstance(c.module, dense_kinds)])
-    if cfg.cache.name == "lru":
-        # The policy keeps decompressed linear weights only (embeddings decode rows): the same rule it applies.
-        linear = [c for c in selection.chosen if not isinstance(c.module, torch.nn.Embedding)]
-        largest = max(linear, key=lambda c: c.nbytes, default=None)
-        if largest is not None and largest.nbytes > cfg.cache.budget_mb * 1e6:
-            need_mb = largest.nbytes / 1e6
-            raise HarnessError(
-                f"cache.budget_mb={cfg.cache.budget_mb} is smaller than the largest compressed layer "
-                f"({largest.name}: {need_mb:.2f} MB); use cache.budget_mb>={need_mb:.2f}"
-            )
+    if cfg.cache.name == "lru":  # the policy's own rule, on the layers it will keep (linear ones, not embeddings)
+        linear = [(c.name, c.nbytes) for c in selection.chosen if not isinstance(c.module, torch.nn.Embedding)]
+        LRU.check_budget(cfg.cache.budget_mb, linear)
     return selection
 
 
