@@ -90,7 +90,10 @@ def make_runtime(model, variant: str, eligible: int):
     codec, policy, opts, placement, share, threads = VARIANTS[variant]
     n = max(1, round(share * eligible))
     opts = {k: (n if v is None else v) for k, v in opts.items()}
-    rt = compress_model(model, make_codec(codec, level=LEVEL.get(variant, 3), threads=threads), policy=policy,
+    # Each codec takes only its own options: level and threads are zstd's (zipnn: threads), GPU codecs take neither.
+    kw = {"level": LEVEL.get(variant, 3), "threads": threads} if codec.startswith("zstd") else {}
+    kw = {"threads": threads} if codec == "zipnn" else kw
+    rt = compress_model(model, make_codec(codec, **kw), policy=policy,
                         policy_options=opts, attach=False, placement=placement, layers=n, progress=False,
                         embeddings=variant.endswith(EMBEDDINGS))
     return rt, n

@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from harness.artifacts import artifact_cache, compress_cached, model_identity
-from harness.codecs import CODECS, make_codec
+from harness.codecs import CODECS
 from harness.codecs.base import dtype_name
+from harness.components import build_codec, policy_factory
 from harness.errors import HarnessError
 from harness.exactness import exactness_reference
 from harness.fidelity import bundled_tasks, per_sample_table
@@ -35,6 +36,7 @@ from harness.runner.phase import compare, run_phase
 from harness.runtime import CAPTURED_POLICIES, POLICIES
 from harness.runtime.fused import check_setup as check_fused
 from harness.runtime.fused import refuse_transposed
+from harness.runtime.policies import LRU
 from harness.runtime.runtime import VERIFY_MODES, CompressedRuntime, check_placement
 from harness.selection import ORDERS, Selection, parse_count, select_layers
 from harness.tracking import make_tracker
@@ -52,24 +54,25 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.compress.get("embeddings", False), bool):
         raise HarnessError(f"compress.embeddings={cfg.compress.embeddings!r} is invalid; use true or false")
     device = resolve_device(cfg.device)  # first: device=cuda without CUDA is the error to see, not its consequences
-    codec = make_codec(cfg.compress.codec, **codec_options(cfg))
+    # Built here as the run builds them, so their constructors' checks run before the model loads.
+    codec = build_codec(cfg.compress)
+    policy = policy_factory(cfg.cache)
     check_dtype(codec, parse_dtype(cfg.model.get("dtype", "auto")))
     check_placement(cfg.compress.placement, codec)
     if codec.decode_device == "cuda" and device.type != "cuda":
         raise HarnessError(f"compress.codec={codec.name} decodes on the GPU but device={cfg.device}; use device=cuda")
-    if POLICIES.get(cfg.cache.name).computes_linear:
-        check_fused(codec.name, cfg.compress.placement, device, bool(cfg.compress.get("embeddings", False)))
-    if cfg.cache.name == "lru" and (cfg.cache.budget_mb is None or cfg.cache.budget_mb <= 0):
-        raise HarnessError(f"cache.budget_mb={cfg.cache.budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
     compile_ = validate_compile(cfg, codec)
-    # The policy's own option checks (cache.depth=0, an option it does not take; compiled: cache.ahead=1,
+    # The policy's own checks (an unknown name, cache.depth=0, an option it does not take; compiled: cache.ahead=1,
     # verify=always), on a runtime with no layers: otherwise they would only run when the compressed phase
     # starts, after the model load and the baseline.
     empty = CompressedRuntime(codec, verify=cfg.compress.verify)
     try:
-        empty.set_policy(cfg.cache.name, captured=compile_, **policy_options(cfg))
+        empty.set_policy(policy, captured=compile_)
+        computes_linear = empty.policy.computes_linear
     finally:
         empty.close()
+    if computes_linear:  # what no layer shows on an empty runtime: placement and embeddings, from the config
+        check_fused(codec.name, cfg.compress.placement, device, bool(cfg.compress.get("embeddings", False)))
     make_callbacks(cfg)
     if cfg.generate.max_new_tokens < 1 or cfg.generate.repeats < 1:
         raise HarnessError("generate.max_new_tokens and generate.repeats must be >= 1")
@@ -168,16 +171,9 @@ def check_loaded(cfg: DictConfig, model) -> Selection:
     if POLICIES.get(cfg.cache.name).computes_linear:  # a Conv1D (GPT-2) is neither: it stores W.T
         dense_kinds = torch.nn.Linear | torch.nn.Embedding
         refuse_transposed([c.name for c in selection.chosen if not isinstance(c.module, dense_kinds)])
-    if cfg.cache.name == "lru":
-        # The policy keeps decompressed linear weights only (embeddings decode rows): the same rule it applies.
-        linear = [c for c in selection.chosen if not isinstance(c.module, torch.nn.Embedding)]
-        largest = max(linear, key=lambda c: c.nbytes, default=None)
-        if largest is not None and largest.nbytes > cfg.cache.budget_mb * 1e6:
-            need_mb = largest.nbytes / 1e6
-            raise HarnessError(
-                f"cache.budget_mb={cfg.cache.budget_mb} is smaller than the largest compressed layer "
-                f"({largest.name}: {need_mb:.2f} MB); use cache.budget_mb>={need_mb:.2f}"
-            )
+    if cfg.cache.name == "lru":  # the policy's own rule, on the layers it will keep (linear ones, not embeddings)
+        linear = [(c.name, c.nbytes) for c in selection.chosen if not isinstance(c.module, torch.nn.Embedding)]
+        LRU.check_budget(cfg.cache.budget_mb, linear)
     return selection
 
 
@@ -190,14 +186,6 @@ def validate_tasks(cfg: DictConfig) -> None:
     from harness.fidelity import _task_manager
 
     _task_manager(tasks, cfg.eval.include_path)
-
-
-def codec_options(cfg: DictConfig) -> dict[str, Any]:
-    return {"level": cfg.compress.level, "threads": cfg.compress.threads}
-
-
-def policy_options(cfg: DictConfig) -> dict[str, Any]:
-    return {k: v for k, v in OmegaConf.to_container(cfg.cache).items() if k != "name"}
 
 
 def evaluate_counted(cfg: DictConfig, loaded, runtime) -> dict[str, Any]:
@@ -303,12 +291,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], job_name: str = "h
 
         runtime = compress_cached(
             loaded.model,
-            make_codec(cfg.compress.codec, **codec_options(cfg)),
+            build_codec(cfg.compress),
             cache=artifact_cache(cfg.compress),
             identity=model_identity(loaded, cfg.model.kind),
             selection=selection,
-            policy=cfg.cache.name,
-            policy_options=policy_options(cfg),
+            policy=policy_factory(cfg.cache),
             verify=cfg.compress.verify,
             attach=False,  # the CachePolicyBoundaries callback drives pass boundaries
             placement=cfg.compress.placement,

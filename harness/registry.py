@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from harness.errors import HarnessError
 
 T = TypeVar("T")
+
+
+def unknown_message(kind: str, name: object, valid: Iterable[str]) -> str:
+    """One line: the unknown name, the valid ones, and the closest as a "did you mean" hint."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}; valid: {', '.join(valid)}.{hint}"
 
 
 class Registry(Generic[T]):
@@ -32,10 +40,7 @@ class Registry(Generic[T]):
             raise HarnessError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        valid = ", ".join(sorted(self._entries))
-        close = difflib.get_close_matches(str(name), self._entries, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}; valid: {valid}.{hint}"
+        return unknown_message(self.kind, name, self._entries)
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -1,12 +1,18 @@
 """Hydra composition of every option of every group (no model is loaded)."""
 
+import inspect
+
+import hydra
 import pytest
 import torch
 from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
+from harness.codecs import CODECS
+from harness.components import build_codec, policy_factory
 from harness.errors import HarnessError
-from harness.experiment import policy_options, validate
+from harness.experiment import validate
+from harness.runtime.policy import make_policy
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 
@@ -48,7 +54,27 @@ def test_experiment_overlay_wins(experiment):
         assert OmegaConf.select(cfg, key) == value, key
 
 
-def test_policy_options_come_from_the_cache_group():
-    assert policy_options(compose_config("cache=lru", "cache.budget_mb=5")) == {"budget_mb": 5}
-    assert policy_options(compose_config("cache=prefetch")) == {"depth": 2, "workers": 1}
-    assert policy_options(compose_config("cache=none")) == {}
+def test_the_cache_group_is_a_partial_of_the_policy():
+    """`cache=lru cache.budget_mb=5` reaches the policy as make_policy's name and options, nothing else."""
+    for overrides, keywords in [(["cache=lru", "cache.budget_mb=5"], {"name": "lru", "budget_mb": 5}),
+                                (["cache=prefetch"], {"name": "prefetch", "depth": 2, "workers": 1}),
+                                (["cache=none"], {"name": "none"})]:
+        factory = policy_factory(compose_config(*overrides).cache)
+        assert factory.func is make_policy and factory.keywords == keywords, overrides
+
+
+def test_every_codec_has_an_entry_holding_only_its_own_options():
+    """compress.codec=NAME works for every registered codec, and no entry hands a constructor an option it would
+    have to accept only to ignore (GPU codecs and level/threads)."""
+    codecs = compose_config().compress.codecs
+    assert sorted(codecs) == CODECS.names()
+    for name, entry in codecs.items():
+        cls = hydra.utils.get_class(entry._target_)
+        assert cls is CODECS.get(name), name
+        options = set(entry) - {"_target_"}
+        assert options <= set(inspect.signature(cls.__init__).parameters) - {"self"}, name
+
+
+def test_compress_level_reaches_the_codec():
+    codec = build_codec(compose_config("compress.codec=zstd", "compress.level=1", "compress.threads=2").compress)
+    assert codec.name == "zstd" and codec.settings()["level"] == 1 and codec.threads == 2

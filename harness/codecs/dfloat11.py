@@ -60,8 +60,7 @@ class DFloat11Codec(Codec):
 
     name = "dfloat11"
 
-    def __init__(self, level: int | None = None, threads: int | None = None, decoder: str = "auto") -> None:
-        # level/threads are other codecs' settings, accepted so that one config serves every codec.
+    def __init__(self, decoder: str = "auto") -> None:
         if decoder not in ("auto", "cuda", "cpu"):
             raise HarnessError(f"dfloat11: decoder={decoder!r} is invalid; valid: auto, cuda, cpu")
         fmt.df11_utils()  # a missing dfloat11/dahuffman fails here, with the pip command

@@ -37,8 +37,7 @@ class FusedLut3Codec(Codec):
     name = "fused_lut3"
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16,)
 
-    def __init__(self, level: int | None = None, threads: int | None = None) -> None:
-        # level/threads are other codecs' settings, accepted so that one config serves every codec.
+    def __init__(self) -> None:
         # The kernel's decode wherever there is a GPU (as dfloat11's auto): that is the decode that must be exact.
         self.decode_device = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -37,8 +37,7 @@ class NvcompANS(Codec):
     name = "nvcomp_ans"
     decode_device = "cuda"
 
-    def __init__(self, level: int | None = None, threads: int | None = None) -> None:
-        # level/threads are CPU-codec settings; accepted so one config serves every codec.
+    def __init__(self) -> None:
         if not torch.cuda.is_available():
             raise HarnessError("codec nvcomp_ans decodes on the GPU but torch.cuda.is_available() is False; use zstd_grouped")
         self.nvcomp = _nvcomp()

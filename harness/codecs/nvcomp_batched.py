@@ -134,8 +134,7 @@ class NvcompANSBatched(Codec):
     stages_host_payloads = True  # decode_many copies host payloads into a staging buffer itself
     capturable = True  # prepare_group: prebuilt tables, launches on the current stream only
 
-    def __init__(self, level: int | None = None, threads: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        # level/threads are CPU-codec settings; accepted so one config serves every codec.
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         if not torch.cuda.is_available():
             raise HarnessError(f"codec {self.name} decodes on the GPU but torch.cuda.is_available() is False; use zstd_grouped")
         if chunk_bytes <= 0 or chunk_bytes % 2 or chunk_bytes > 1 << 24:

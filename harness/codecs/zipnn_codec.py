@@ -39,8 +39,8 @@ class ZipNNCodec(Codec):
 
     name = "zipnn"
 
-    def __init__(self, level: int | None = None, threads: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        # level is zstd's setting; ZipNN's default method (Huffman) has none. Accepted so one config serves all codecs.
+    def __init__(self, threads: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        # No level: ZipNN's default method (Huffman) has none.
         if not isinstance(threads, int) or threads < 1:
             raise HarnessError(f"zipnn: threads={threads!r} is invalid; use an integer >= 1")
         if not isinstance(chunk_bytes, int) or chunk_bytes < 1024 or chunk_bytes & (chunk_bytes - 1):

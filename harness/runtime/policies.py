@@ -81,17 +81,24 @@ class LRU(_Keeping):
 
     def __init__(self, runtime: CompressedRuntime, budget_mb: float | None = None) -> None:
         super().__init__(runtime)
+        self.check_budget(budget_mb, [(layer.name, layer.weight_nbytes) for layer in runtime.linear_layers])
+        self.budget_bytes = int(budget_mb * 1e6)
+        self._cached_bytes = 0
+
+    @staticmethod
+    def check_budget(budget_mb: float | None, layers: list[tuple[str, int]]) -> None:
+        """The budget must be > 0 and hold the largest dense linear weight (name, bytes) it keeps (embeddings
+        decode rows and are not kept). One rule for the constructor and for experiment.check_loaded, which
+        applies it to the selected layers before the baseline runs."""
         if budget_mb is None or budget_mb <= 0:
             raise HarnessError(f"cache.budget_mb={budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
-        self.budget_bytes = int(budget_mb * 1e6)
-        largest = max(runtime.linear_layers, key=lambda layer: layer.weight_nbytes, default=None)
-        if largest is not None and largest.weight_nbytes > self.budget_bytes:
-            need_mb = largest.weight_nbytes / 1e6
+        name, nbytes = max(layers, key=lambda layer: layer[1], default=(None, 0))
+        if nbytes > budget_mb * 1e6:
+            need_mb = nbytes / 1e6
             raise HarnessError(
                 f"cache.budget_mb={budget_mb} is smaller than the largest compressed layer "
-                f"({largest.name}: {need_mb:.2f} MB); use cache.budget_mb>={need_mb:.2f}"
+                f"({name}: {need_mb:.2f} MB); use cache.budget_mb>={need_mb:.2f}"
             )
-        self._cached_bytes = 0
 
     def _make_room(self, layer):
         while self._cache and self._cached_bytes + layer.weight_nbytes > self.budget_bytes:

@@ -63,8 +63,10 @@ class CachePolicy:
 CAPTURED_POLICIES: Registry[type[CachePolicy]] = Registry("cache policy under generate.compile=true")
 
 
-def make_policy(name: str, runtime: CompressedRuntime, captured: bool = False, **options: Any) -> CachePolicy:
-    """The policy `name` built for `runtime`; `captured` picks its capturable variant (generate.compile=true)."""
+def make_policy(runtime: CompressedRuntime, name: str, captured: bool = False, **options: Any) -> CachePolicy:
+    """The policy `name` built for `runtime`; `captured` picks its capturable variant (generate.compile=true).
+    conf/cache/*.yaml target this as a partial (runtime first, so a partial of name and options can be called with
+    it): the name, not a class, because the captured variant is another class of the same name."""
     cls = (CAPTURED_POLICIES if captured else POLICIES).get(name)
     try:
         return cls(runtime, **options)

@@ -6,8 +6,9 @@ placements; the policies, layers, embeddings and counters are already files of t
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,13 +217,15 @@ class CompressedRuntime:
             h.remove()
         self._hooks.clear()
 
-    def set_policy(self, name: str, captured: bool = False, **options: Any) -> None:
-        """Serve weights through policy `name`; `captured` picks its capturable form (generate.compile=true)."""
+    def set_policy(self, policy: str | Callable[..., CachePolicy], captured: bool = False, **options: Any) -> None:
+        """Serve weights through `policy`: a registered name, or a partial of make_policy (the instantiated
+        `cache` config) called with this runtime. `captured` picks its capturable form (generate.compile=true)."""
         if self.policy is not None:
             self.policy.close()
         if captured and self.verify == "always":
             raise HarnessError("compress.verify=always cannot run inside a CUDA graph; use verify=first with generate.compile=true")
-        self.policy = make_policy(name, self, captured=captured, **options)
+        build = policy if callable(policy) else functools.partial(make_policy, name=policy)
+        self.policy = build(self, captured=captured, **options)
 
     def reset_stats(self) -> None:
         self.stats.reset()
@@ -280,7 +283,7 @@ def compress_model(
     model: nn.Module,
     codec: Codec,
     selection: Selection | None = None,
-    policy: str = "per_forward_pass",
+    policy: str | Callable[..., CachePolicy] = "per_forward_pass",
     policy_options: dict[str, Any] | None = None,
     verify: str = "first",
     attach: bool = True,
