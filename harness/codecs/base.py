@@ -77,6 +77,12 @@ class CompressedTensor:
     payload: torch.Tensor  # flat uint8; all frames back to back (CPU; pinned when CUDA is present)
     meta: dict[str, Any] = field(default_factory=dict)  # codec-specific, JSON-serialisable
 
+    @classmethod
+    def of(cls, codec: str, t: torch.Tensor, payload: torch.Tensor, meta: dict[str, Any]) -> CompressedTensor:
+        """The record of `t` compressed by `codec` into `payload`: shape, dtype, size and checksum taken from `t`."""
+        return cls(codec=codec, shape=tuple(t.shape), dtype=dtype_name(t.dtype), original_nbytes=t.numel() * t.element_size(),
+                   checksum=checksum(t), payload=payload, meta=meta)  # fmt: skip
+
     @property
     def compressed_nbytes(self) -> int:
         return self.payload.numel()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import xxhash
 
-from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, cpu_output, dtype_name, raw_bytes
+from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, cpu_output, dtype_name, raw_bytes
 from harness.errors import HarnessError, IntegrityError
 
 DEFAULT_CHUNK_BYTES = 256 * 1024  # ZipNN's default compression_chunk
@@ -72,13 +72,10 @@ class ZipNNCodec(Codec):
         payload = torch.frombuffer(bytearray(frame), dtype=torch.uint8) if frame else torch.zeros(0, dtype=torch.uint8)
         if torch.cuda.is_available():
             payload = payload.pin_memory()
-        return CompressedTensor(
-            codec=self.name,
-            shape=tuple(t.shape),
-            dtype=dtype,
-            original_nbytes=data.numel(),
-            checksum=checksum(data),
-            payload=payload,
+        return CompressedTensor.of(
+            self.name,
+            t,
+            payload,
             meta={"chunk_bytes": self.chunk_bytes, "payload_xxh3": xxhash.xxh3_64_hexdigest(frame)},
         )
 

@@ -28,7 +28,7 @@ import torch
 import xxhash
 import zstandard
 
-from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, checksum, cpu_output, dtype_name, raw_bytes
+from harness.codecs.base import CODECS, DTYPES, Codec, CompressedTensor, cpu_output, dtype_name, raw_bytes
 from harness.errors import HarnessError, IntegrityError
 
 if sys.byteorder != "little":  # the plane layouts below index bytes of little-endian words
@@ -151,13 +151,10 @@ class ZstdCodec(_ZstdBase):
             self.threads,
         )
         sizes = [len(f) for f in frames]
-        return CompressedTensor(
-            codec=self.name,
-            shape=tuple(t.shape),
-            dtype=dtype_name(t.dtype),
-            original_nbytes=src.nbytes,
-            checksum=checksum(data),
-            payload=_payload(frames, sum(sizes)),
+        return CompressedTensor.of(
+            self.name,
+            t,
+            _payload(frames, sum(sizes)),
             meta={
                 "level": self.level,
                 "chunk_bytes": self.chunk_bytes,
@@ -266,13 +263,10 @@ class ZstdGroupedCodec(_ZstdBase):
 
         frames = [f for chunk in _map(one, len(starts), self.threads) for f in chunk]
         sizes = [len(f) if kind == "z" else f.nbytes for f, kind in frames]
-        return CompressedTensor(
-            codec=self.name,
-            shape=tuple(t.shape),
-            dtype=dtype,
-            original_nbytes=data.numel(),
-            checksum=checksum(data),
-            payload=_payload((f for f, _ in frames), sum(sizes)),
+        return CompressedTensor.of(
+            self.name,
+            t,
+            _payload((f for f, _ in frames), sum(sizes)),
             meta={
                 "level": self.level,
                 "layout": layout,
