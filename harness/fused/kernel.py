@@ -104,9 +104,7 @@ def _gemv_kernel(
             widx = r64[:, None] * (Kp // 16) + (kb * G + gi)[None, :]
             c2 = tl.load(c2_ptr + widx, mask=rvalid[:, None], other=0)
             c1 = tl.load(c1_ptr + widx, mask=rvalid[:, None], other=0).to(tl.int32)
-            code = ((c2[:, :, None] >> (2 * ji)[None, None, :]) & 3) | (
-                ((c1[:, :, None] >> ji[None, None, :]) & 1) << 2
-            )
+            code = ((c2[:, :, None] >> (2 * ji)[None, None, :]) & 3) | (((c1[:, :, None] >> ji[None, None, :]) & 1) << 2)
             # fp32 bits: sign (sign-extended byte << 16 puts copies of it in bits 23..31) | exponent | mantissa
             bits = ((sm << 16) & -2139160576) | ((code + base) << 23)  # -2139160576 == 0x807F0000 as int32
             bits = tl.where(code == 7, 0, bits)
@@ -116,9 +114,9 @@ def _gemv_kernel(
             e8 = (raw >> 7) & 0xFF
             bits = tl.where((e8 < base) | (e8 > base + 6), 0, raw << 16)
         w = bits.to(tl.float32, bitcast=True)
-        xk = tl.load(x_ptr + ms[:, None, None] * stride_xm + k3, mask=mvalid[:, None, None] & (k3 < K), other=0.0).to(
-            tl.float32
-        )  # [BLOCK_M, G, 16]
+        xk = tl.load(
+            x_ptr + ms[:, None, None] * stride_xm + k3, mask=mvalid[:, None, None] & (k3 < K), other=0.0
+        ).to(tl.float32)  # [BLOCK_M, G, 16]
         acc += xk[:, None, :, :] * w[None, :, :, :]
 
         # Escapes of (row, kb): entries row_start + eblk[row, kb] .. row_start + eblk[row, kb + 1].
@@ -194,15 +192,8 @@ def decode_gpu(p: Packed) -> torch.Tensor:
     out = torch.empty((np_, kp), dtype=torch.int16, device=p.device)
     grid = (triton.cdiv(np_, 16), kp // p.tk)
     _decode_kernel[grid](
-        p.signman.view(torch.int8),
-        p.code2.view(torch.int32),
-        p.code1.view(torch.int16),
-        out,
-        np_,
-        kp,
-        p.base,
-        BLOCK_N=16,
-        BLOCK_K=p.tk,
+        p.signman.view(torch.int8), p.code2.view(torch.int32), p.code1.view(torch.int16), out, np_, kp, p.base,
+        BLOCK_N=16, BLOCK_K=p.tk,
     )
     rows, ks, ex = escape_positions(p)
     sm = p.signman[rows, ks].to(torch.int32)
@@ -229,7 +220,11 @@ def block_m_for(m: int) -> int:
 
 # A small explicit list (no @triton.autotune: it benchmarks on first call, which breaks CUDA-graph capture).
 CONFIGS = [
-    Config(bn, nw, sp, st) for bn in (4, 8, 16, 32) for nw in (2, 4, 8) for sp in (1, 2, 4, 8) for st in (1, 2, 3)
+    Config(bn, nw, sp, st)
+    for bn in (4, 8, 16, 32)
+    for nw in (2, 4, 8)
+    for sp in (1, 2, 4, 8)
+    for st in (1, 2, 3)
 ]
 
 _CHOSEN: dict[tuple, Config] = {}  # (fused, M, N, K, tk) -> Config, filled by tune() or set_config()
