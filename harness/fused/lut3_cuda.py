@@ -115,6 +115,16 @@ def _launch(name: str, tiles: int, warps: int, args: list) -> None:
     kernels()[name](grid=(tiles, 1, 1), block=(32 * warps, 1, 1), args=args, shared_mem=SMEM_PER_WARP_BYTES * warps)
 
 
+def _gemv_launch(kernel: str, x2d, n: int, signman, codes, esc_exp, esc_off, lut: list[int], counter, warps=None):
+    """The one launch of the fused kernel, shared by `gemv` and the op."""
+    m, k = x2d.shape
+    tiles, iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
+    _launch(f"{kernel}_m{_template(m)}", tiles, warps or warps_per_tile(tiles, iters, m),
+            [x2d, m, k, signman, codes, esc_exp, esc_off, *lut, y, n, iters, counter])  # fmt: skip
+    return y
+
+
 def gemv(
     x2d: torch.Tensor,
     p: lut3.Lut3,
@@ -124,18 +134,12 @@ def gemv(
 ):
     """x2d @ W.T for M <= 8 tokens, W decoded in registers. `counter` (int64, one element) counts launches.
     `kernel="lut3_diag1"`/`"lut3_diag2"`: the bench's diagnostic variants (wrong results on purpose)."""
-    m, k = x2d.shape
-    n = p.shape[0]
-    _check(x2d, k)
+    _check(x2d, p.shape[1])
     if p.esc_exp.data_ptr() % 4 or p.signman.data_ptr() % 16 or p.codes.data_ptr() % 4:
         raise ValueError("lut3 kernel: signman must be 16-byte aligned and codes/esc_exp 4-byte aligned")
-    y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
     counter = counter if counter is not None else _scratch_counter(x2d.device)
-    warps = warps or warps_per_tile(p.tiles, p.iters, m)
-    hi0, hi1, lo0, lo1 = p.lut_words()
-    _launch(f"{kernel}_m{_template(m)}", p.tiles, warps,
-            [x2d, m, k, p.signman, p.codes, p.esc_exp, p.esc_off, hi0, hi1, lo0, lo1, y, n, p.iters, counter])  # fmt: skip
-    return y
+    return _gemv_launch(kernel, x2d, p.shape[0], p.signman, p.codes, p.esc_exp, p.esc_off, list(p.lut_words()),
+                        counter, warps)  # fmt: skip
 
 
 @dataclass
@@ -220,12 +224,7 @@ def lut3_linear(
     slot: int,
 ) -> torch.Tensor:
     """x2d @ W.T (W in lut3, M <= 8 tokens); adds 1 to counts.view(-1)[slot] on the device."""
-    m, k = x2d.shape
-    tiles, iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
-    y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
-    _launch(f"lut3_gemv_m{_template(m)}", tiles, warps_per_tile(tiles, iters, m),
-            [x2d, m, k, signman, codes, esc_exp, esc_off, *lut, y, n, iters, counts.view(-1)[slot:]])  # fmt: skip
-    return y
+    return _gemv_launch("lut3_gemv", x2d, n, signman, codes, esc_exp, esc_off, lut, counts.view(-1)[slot:])
 
 
 @lut3_linear.register_fake
