@@ -118,7 +118,8 @@ def profile_one(fn, tokens: int, top: int = 12) -> dict:
             per[e.key[:80]] = (t / tokens, e.count / tokens)
     total = sum(t for t, _ in per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"cuda_us_per_step": total, "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows]}
+    return {"cuda_us_per_step": total, "launches_per_step": sum(c for _, c in per.values()),
+            "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows]}
 
 
 def main() -> None:
@@ -132,6 +133,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default="bench_compile.jsonl")
     ap.add_argument("--profile", nargs="*", default=[], help="arms to profile (torch.profiler, one generation)")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the prefill alone (1 new token) per arm: prefill_s and step_s = the rest per token")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # several compiled models share transformers' code objects
     out = open(args.out, "a")
@@ -230,13 +233,11 @@ def main() -> None:
     for batch in args.batch:
         ps = prompts(batch)
 
-        def run(arm, ps=ps):
+        def run(arm, ps=ps, tokens=args.tokens):
             model, compile_, rt = models[arm]
             if rt is not None:
                 rt.reset_stats()
-            g = greedy_generate(
-                model, tok, ps, args.tokens, min_new_tokens=args.tokens, device=device, compile=compile_
-            )
+            g = greedy_generate(model, tok, ps, tokens, min_new_tokens=tokens, device=device, compile=compile_)
             if rt is not None:
                 rt.end_generation()
             return g
@@ -308,6 +309,10 @@ def main() -> None:
                     r = paired_speed_ratio(times[name], times[arm])
                     row[f"vs_{name}"] = r["speed_ratio"]
                     row[f"vs_{name}_iqr"] = [r["speed_ratio_q1"], r["speed_ratio_q3"]]
+            if args.split:  # where a generation's time goes: the (eager) prefill, then the decode steps
+                pre = [timed(lambda arm=arm: run(arm, tokens=1), device)[1].wall_s for _ in range(3)]
+                row["prefill_s"] = quartiles(pre)[1]
+                row["step_s"] = (med - row["prefill_s"]) / max(1, args.tokens - 1)
             if arm in args.profile:
                 row["profile"] = profile_one(lambda arm=arm: run(arm), args.tokens)
             if rt is not None:

@@ -22,26 +22,8 @@ def _bits(w: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_decode(p: lut3.Lut3) -> torch.Tensor:
-    """The kernel's whole decode, emulated: main-pass bits, then each lane's escapes in mask-bit order with their
-    exponents taken from the list at (iteration offset + exclusive prefix over lanes), as the kernel's scan does."""
-    bits, masks = lut3.emulate_decode(p)
-    bits = bits.clone().to(torch.int64) & 0xFFFF
-    sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 32)
-    exps = p.esc_exp.tolist()
-    for tile in range(p.tiles):
-        for it in range(p.iters):
-            pos = int(p.esc_off[tile * p.iters + it])
-            for lane in range(32):
-                m = int(masks[tile, it, lane])
-                for b in range(32):
-                    if m >> b & 1:
-                        j = 8 * (b & 3) + (b >> 2)
-                        s = int(sm[tile, it, lane, j])
-                        bits[tile, it, lane, j] = ((s & 0x80) << 8) | (exps[pos] << 7) | (s & 0x7F)
-                        pos += 1
-            assert pos == int(p.esc_off[tile * p.iters + it + 1])
-    bits = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
-    return lut3._unstream(bits, p.tiles, p.iters)[: p.shape[0]].contiguous()
+    """The kernel's whole decode, emulated (escapes included: windows, rank selectors, the byte-by-byte path)."""
+    return lut3._unstream(lut3.emulate_decode(p), p.tiles, p.iters)[: p.shape[0]].contiguous()
 
 
 @pytest.mark.parametrize("shape", [(16, 64), (40, 128), (100, 576), (33, 192)])
@@ -62,31 +44,40 @@ def test_every_bf16_bit_pattern_survives():
     assert torch.equal(_kernel_decode(p)[:64], _bits(w)[:64])  # the slow emulation on a slice of rows
 
 
-def test_main_pass_is_the_weight_with_escaped_exponents_zeroed():
+def test_escape_flags_and_offsets_count_every_escape():
+    """The kernel's escape flags find exactly the weights outside the table, and each (tile, iteration)'s offset
+    moves by the escapes its lanes count, which is what the warp scan adds up."""
     w = _normal(48, 256, seed=3)
     p = lut3.encode(w)
-    bits, masks = lut3.emulate_decode(p)
-    main = lut3._unstream(bits, p.tiles, p.iters)[:48]
-    assert torch.equal(main, _bits(lut3.main_pass_weight(w, p.exponents)))
+    c = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & 0xFFFFFFFF
+    count = sum(lut3._popc(f) for f in lut3.escape_flags(c[0], c[1], c[2]))
     escaped = ~torch.isin((_bits(w).to(torch.int32) >> 7) & 0xFF, torch.tensor(p.exponents))
-    assert int(sum(((masks >> b) & 1).sum() for b in range(32))) == int(escaped.sum()) == p.n_escapes
+    assert int(count.sum()) == int(escaped.sum()) == p.n_escapes
+    assert torch.equal(count.sum(-1).reshape(-1), (p.esc_off[1:] - p.esc_off[:-1]).to(torch.int64))
 
 
-def test_reference_inputs_match_the_kernel_view():
-    """The exactness reference is built from W alone; it must present the kernel the same main-pass weights and
-    escape masks that the compressed path decodes."""
-    pytest.importorskip("harness.fused.lut3_cuda")
+def test_lanes_with_more_escapes_than_the_window_decode_exactly():
+    """A lane with 8 or more escapes in one iteration takes the byte-by-byte path; both paths in one tensor."""
+    w = _normal(32, 128, seed=7)
+    bits = w.view(torch.int16).clone()
+    bits[0, :64] = (bits[0, :64] & ~(0xFF << 7)) | (0x20 << 7)  # a rare exponent over a whole row's first block
+    w = bits.view(torch.bfloat16)
+    p = lut3.encode(w)
+    c = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & 0xFFFFFFFF
+    count = sum(lut3._popc(f) for f in lut3.escape_flags(c[0], c[1], c[2]))
+    assert int(count.max()) > lut3.WINDOW and int((count <= lut3.WINDOW).sum()) > 0
+    assert torch.equal(_kernel_decode(p), _bits(w))
+
+
+def test_reference_inputs_are_the_weight_in_the_kernel_order():
+    """The exactness reference is built from W alone: W's own bits, in the order the kernel's lanes read them."""
     from harness.fused import lut3_cuda
 
     w = _normal(40, 128, seed=4)
     p = lut3.encode(w)
-    ref = lut3_cuda.reference_inputs(w, p.exponents)
-    bits, masks = lut3.emulate_decode(p)
-    main = lut3._unstream(ref.main.reshape(p.tiles, p.iters, 32, 32), p.tiles, p.iters)[:40]
-    assert torch.equal(main, lut3._unstream(bits, p.tiles, p.iters)[:40])
+    ref = lut3_cuda.reference_inputs(w)
+    assert (ref.tiles, ref.iters) == (p.tiles, p.iters)
     assert torch.equal(lut3._unstream(ref.raw.reshape(p.tiles, p.iters, 32, 32), p.tiles, p.iters)[:40], _bits(w))
-    full_tiles = ref.mask.reshape(p.tiles, p.iters, 32)[:2].to(torch.int64) & 0xFFFFFFFF  # tile 2 holds padding
-    assert torch.equal(full_tiles, masks[:2] & 0xFFFFFFFF)
 
 
 def test_ratio_on_normal_weights():

@@ -20,10 +20,13 @@ Code words of one (tile, iteration, lane), nibble n = bits 4n..4n+3:
 so three masks give PRMT selectors for j = 0..23 and a few shifts those of j = 24..31. A code indexes two byte
 tables with one PRMT per 4 weights: hi[c] = exponent >> 1 and lo[c] = (exponent & 1) << 7 (both 0 for an escape).
 
-Escapes: the main pass decodes an escape with exponent 0, i.e. the subnormal (sign, 0, mantissa); the kernel then
-adds x * (true weight) for each escape. The list is ordered by (tile, iteration, lane, b) with b = 4n + s' for
-j = 8s' + n (the order in which the kernel finds them); `esc_off[tile * iters + iteration]` is where the escapes of
-that (tile, iteration) start, so a warp can start at any iteration (split-K).
+Escapes: the list holds their exponents ordered by (tile, iteration, lane, j); `esc_off[tile * iters + iteration]` is
+where the escapes of that (tile, iteration) start, so a warp can start at any iteration (split-K), and a lane finds
+its own from a prefix count over the lanes before it. The kernel decodes every weight exactly in its main pass: a
+lane takes an 8-byte window of the list at its first escape (byte 7 forced to 0), and per 4 weights one more PRMT,
+whose selector is each escape's rank among the lane's escapes (7, the zero byte, for the others), gives the escape
+exponents' bytes, OR-ed into the table's (which are 0 for code 7). A lane with more than 7 escapes in one
+iteration (about 4e-7 of lanes on normal weights) reads them byte by byte instead.
 
 Everything here is torch (CPU or GPU, the same code): `encode`, `decode` (the reference inverse), `nbytes`, and
 `emulate_decode`, which runs the kernel's bit operations (PRMT table lookups, byte assembly) elementwise so the CPU
@@ -40,7 +43,8 @@ TILE_ROWS = 16
 ITER_K = 64  # k per iteration: 4 mma k-steps of 16
 LANE_WEIGHTS = 32  # weights per lane per iteration
 ESCAPE = 7
-ESC_PAD = 8  # bytes after the escape list: the kernel reads its exponents in aligned 8-byte windows
+ESC_PAD = 16  # bytes after the escape list: the kernel reads 12 aligned bytes around each lane's 8-byte window
+WINDOW = 7  # escapes per lane and iteration that the kernel takes from its window (byte 7 is the zero byte)
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Lut3:
     shape: tuple[int, int]  # (N, K) of the original weight
     signman: torch.Tensor  # uint8 [tiles * iters * 32 * 32], stream order
     codes: torch.Tensor  # int32 [3, tiles * iters * 32]
-    esc_exp: torch.Tensor  # uint8 [n_escapes + 8]: the kernel reads 8-byte windows, so 8 bytes of padding
+    esc_exp: torch.Tensor  # uint8 [n_escapes + ESC_PAD]
     esc_off: torch.Tensor  # int32 [tiles * iters + 1]
     exponents: tuple[int, ...]  # 7 biased exponents, code c -> exponents[c]
 
@@ -113,10 +117,6 @@ def _unstream(s: torch.Tensor, tiles: int, iters: int) -> torch.Tensor:
     return v.permute(0, 6, 2, 1, 4, 5, 3, 7).reshape(tiles * TILE_ROWS, iters * ITER_K)
 
 
-# Escape order within a lane: b = 4n + s' walks j = 8s' + n.
-_ESC_ORDER = torch.tensor([8 * s + n for n in range(8) for s in range(4)])
-
-
 def encode(weight: torch.Tensor) -> Lut3:
     """Encode a 2-D bf16 weight (on any device; stays there). Raises ValueError if unsupported."""
     why = supported(tuple(weight.shape), weight.dtype)
@@ -151,11 +151,8 @@ def encode(weight: torch.Tensor) -> Lut3:
         words.append(torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32))
     codes = torch.stack(words).reshape(3, tiles * iters * 32)
 
-    ordr = _ESC_ORDER.to(dev)
-    esc_mask = (code_s == ESCAPE)[..., ordr]  # [T, I, 32, 32] in escape order
-    esc_exp = torch.cat(
-        [exp_s[..., ordr][esc_mask].to(torch.uint8), torch.zeros(ESC_PAD, dtype=torch.uint8, device=dev)]
-    )
+    esc_mask = code_s == ESCAPE  # [T, I, 32 lanes, 32 j]: the list's order is this tensor's
+    esc_exp = torch.cat([exp_s[esc_mask].to(torch.uint8), torch.zeros(ESC_PAD, dtype=torch.uint8, device=dev)])
     per_iter = esc_mask.reshape(tiles * iters, -1).sum(-1, dtype=torch.int64)
     esc_off = torch.zeros(tiles * iters + 1, dtype=torch.int64, device=dev)
     esc_off[1:] = torch.cumsum(per_iter, 0)
@@ -179,10 +176,7 @@ def decode(p: Lut3) -> torch.Tensor:
     code = _codes_per_weight(p)
     table = torch.tensor(list(p.exponents) + [0], dtype=torch.int64, device=p.device)
     exp = table[code]
-    ordr = _ESC_ORDER.to(p.device)
-    esc = exp[..., ordr]
-    esc[code[..., ordr] == ESCAPE] = p.esc_exp[: p.n_escapes].to(torch.int64)
-    exp[..., ordr] = esc
+    exp[code == ESCAPE] = p.esc_exp[: p.n_escapes].to(torch.int64)
     sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 32)
     bits = ((sm & 0x80) << 8) | (exp << 7) | (sm & 0x7F)
     bits = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
@@ -206,44 +200,69 @@ def prmt(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | int) -> torch.Tenso
     return out
 
 
-def emulate_decode(p: Lut3) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the kernel's main pass feeds the tensor cores, and its escape mask, from the same operations as the
-    CUDA code: returns (bf16 bits int16 [T, I, 32, 32] in stream order, escape bit masks int64 [T, I, 32])."""
-    hi0, hi1, lo0, lo1 = (v & 0xFFFFFFFF for v in p.lut_words())
-    w = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & 0xFFFFFFFF
+def _popc(v: torch.Tensor) -> torch.Tensor:
+    """Bits set per element of an int64 tensor holding uint32 values."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def escape_flags(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel's `flags_of`: per group g of 8 weights (j = 8g + i), nibble i is 1 where j escapes (code 7)."""
+    t3 = w0 & w1 & w2
+    return [w0 & (w0 >> 1) & (w0 >> 2) & 0x11111111, w1 & (w1 >> 1) & (w1 >> 2) & 0x11111111,
+            w2 & (w2 >> 1) & (w2 >> 2) & 0x11111111, (t3 >> 3) & 0x11111111]  # fmt: skip
+
+
+def emulate_decode(p: Lut3) -> torch.Tensor:
+    """The weights as the kernel's main pass decodes them, from the same operations as the CUDA code (PRMT table
+    lookups, escape flags, the lane prefix count, the window and its rank selectors, byte assembly), elementwise:
+    bf16 bits int16 [T, I, 32, 32] in stream order. The tests compare it with W."""
+    m32 = 0xFFFFFFFF
+    hi0, hi1, lo0, lo1 = (v & m32 for v in p.lut_words())
+    w = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & m32
     w0, w1, w2 = w[0], w[1], w[2]
     m7 = 0x77777777
     s3 = ((w0 >> 3) & 0x11111111) | ((w1 >> 2) & 0x22222222) | ((w2 >> 1) & 0x44444444)
     sels = []
     for s in (w0 & m7, w1 & m7, w2 & m7, s3):
         sels += [s & 0xFFFF, s >> 16]
+    flags = escape_flags(w0, w1, w2)
+    count = sum(_popc(f) for f in flags)  # [T, I, 32]
+    # each lane's first escape: the (tile, iteration) offset plus the lanes before it (the kernel's warp scan)
+    pos = p.esc_off[:-1].to(torch.int64).reshape(p.tiles, p.iters, 1) + torch.cumsum(count, -1) - count
+    ex = p.esc_exp.to(torch.int64)
+    win = [ex[pos + b] for b in range(WINDOW)]  # the window's bytes 0..6 (byte 7 is 0)
+    wlo = win[0] | win[1] << 8 | win[2] << 16 | win[3] << 24
+    whi = win[4] | win[5] << 8 | win[6] << 16
+    rare = count > WINDOW
     sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 8, 4)
     smw = sm[..., 0] | sm[..., 1] << 8 | sm[..., 2] << 16 | sm[..., 3] << 24  # 8 words of 4 weights
-    pairs = []
-    for q in range(8):
-        ehi = prmt(torch.full_like(sels[q], hi0), torch.full_like(sels[q], hi1), sels[q])
-        elo = prmt(torch.full_like(sels[q], lo0), torch.full_like(sels[q], lo1), sels[q])
-        word = smw[..., q]
-        hi = (ehi & ~0x80808080 & 0xFFFFFFFF) | (word & 0x80808080)  # [s e7..e1] per byte
-        lo = (elo & 0x80808080) | (word & 0x7F7F7F7F)  # [e0 m6..m0] per byte
-        pairs += [prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)]  # bf16x2 (j+1 | j), (j+3 | j+2)
+    pairs, base = [], torch.zeros_like(count)
+    for g in range(4):
+        nf = flags[g]
+        r = (nf * 0x11111110 + base * 0x11111111) & m32  # nibble i: rank of j = 8g + i among the lane's escapes
+        es = m7 ^ ((r ^ m7) & (nf * 7))  # escapes: their rank; the others: 7, the window's zero byte
+        for h in range(2):
+            e_word = prmt(wlo, whi, (es >> (16 * h)) & 0xFFFF)
+            if bool(rare.any()):  # the kernel's byte-by-byte path for lanes with more escapes than the window
+                slow, rank = torch.zeros_like(e_word), base + (_popc(nf & 0xFFFF) if h else 0)
+                for i in range(4):
+                    f = (nf >> (4 * (4 * h + i))) & 1
+                    slow |= torch.where(f == 1, ex[(pos + rank).clamp(max=ex.numel() - 1)], 0) << (8 * i)
+                    rank = rank + f
+                e_word = torch.where(rare, slow, e_word)
+            q = 2 * g + h
+            ehi = prmt(torch.full_like(sels[q], hi0), torch.full_like(sels[q], hi1), sels[q]) | ((e_word >> 1) & 0x7F7F7F7F)
+            elo = prmt(torch.full_like(sels[q], lo0), torch.full_like(sels[q], lo1), sels[q]) | ((e_word << 7) & 0x80808080)
+            word = smw[..., q]
+            hi = ehi | (word & 0x80808080)  # [s e7..e1] per byte
+            lo = elo | (word & 0x7F7F7F7F)  # [e0 m6..m0] per byte
+            pairs += [prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)]  # bf16x2 (j+1 | j), (j+3 | j+2)
+        base = base + _popc(nf)
     bits = []
     for v in pairs:
         bits += [v & 0xFFFF, v >> 16]
     out = torch.stack(bits, dim=-1)
-    out = torch.where(out >= 1 << 15, out - (1 << 16), out).to(torch.int16)
-    t = [w0 & (w0 >> 1) & (w0 >> 2), w1 & (w1 >> 1) & (w1 >> 2), w2 & (w2 >> 1) & (w2 >> 2), w0 & w1 & w2]
-    mask = (t[0] & 0x11111111) | ((t[1] & 0x11111111) << 1) | ((t[2] & 0x11111111) << 2) | (t[3] & 0x88888888)
-    return out, mask
-
-
-def main_pass_weight(weight: torch.Tensor, exponents: tuple[int, ...]) -> torch.Tensor:
-    """The weight as the kernel's main pass sees it: escaped weights (exponent not in the table) with their
-    exponent set to 0 (the subnormal (sign, 0, mantissa)). The exactness reference feeds this to the same
-    tensor-core code and adds the escapes exactly as the compressed path does."""
-    bits = weight.view(torch.int16).to(torch.int32)
-    exp = (bits >> 7) & 0xFF
-    member = torch.zeros(256, dtype=torch.bool, device=weight.device)
-    member[torch.tensor(list(exponents), device=weight.device)] = True
-    out = torch.where(member[exp], bits, bits & ~(0xFF << 7))
-    return out.to(torch.int16).view(torch.bfloat16)
+    return torch.where(out >= 1 << 15, out - (1 << 16), out).to(torch.int16)

@@ -23,8 +23,7 @@ MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to deco
 _TEMPLATES = (1, 2, 4, 8)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
 _NAMES = [f"lut3_gemv_m{m}" for m in _TEMPLATES] + [f"lut3_ref_m{m}" for m in _TEMPLATES] + ["lut3_decode"]
-# bench/lut3_kernel.py only: escapes skipped; decode skipped too; the escape loop alone skipped; 64 registers
-_NAMES += ["lut3_diag1_m1", "lut3_diag2_m1", "lut3_diag3_m1", "lut3_gemvlb_m1"]
+_NAMES += ["lut3_diag1_m1"]  # bench/lut3_kernel.py only: the escapes left undecoded, to time what they cost
 _kernels: dict | None = None
 # warps per tile by (tiles, iters, tokens), set by tune(); otherwise warps_per_tile's heuristic
 _WARPS: dict[tuple[int, int, int], int] = {}
@@ -39,6 +38,23 @@ def kernels() -> dict:
         binary, _ = _nvrtc_compile(_SOURCE.read_text(), "lut3_decode")
         _kernels = _cuda_load_module(binary, _NAMES)
     return _kernels
+
+
+def address(t: torch.Tensor) -> list[int]:
+    """A CUDA tensor's address as the kernels take it: two C ints (low, high 32 bits). torch's launcher passes
+    Python ints as C ints, and the op passes weights as addresses rather than tensors: a compiled graph then has
+    no weight among its inputs, whose per-replay checks cost host time per input (hundreds of inputs in a model).
+    The caller keeps the tensor alive and in place for as long as the address is used."""
+    ptr = t.data_ptr()
+    lo, hi = ptr & 0xFFFFFFFF, ptr >> 32
+    return [lo - (1 << 32) if lo >= 1 << 31 else lo, hi]
+
+
+def addresses(p: lut3.Lut3) -> list[int]:
+    """The four parts' addresses (signman, codes, esc_exp, esc_off), checked for the kernels' alignment."""
+    if p.esc_exp.data_ptr() % 4 or p.signman.data_ptr() % 16 or p.codes.data_ptr() % 4:
+        raise ValueError("lut3 kernel: signman must be 16-byte aligned and codes/esc_exp 4-byte aligned")
+    return [*address(p.signman), *address(p.codes), *address(p.esc_exp), *address(p.esc_off)]
 
 
 def kernel_resources(name: str) -> dict:
@@ -108,20 +124,20 @@ def _check(x2d: torch.Tensor, k: int) -> None:
         raise ValueError(f"lut3 kernel wants contiguous bf16 [M, {k}], got {x2d.dtype} {tuple(x2d.shape)}")
 
 
-SMEM_PER_WARP_BYTES = 16 * 32 * 4 + 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: escape buckets + split-K sums
+SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums
 
 
 def _launch(name: str, tiles: int, warps: int, args: list) -> None:
     kernels()[name](grid=(tiles, 1, 1), block=(32 * warps, 1, 1), args=args, shared_mem=SMEM_PER_WARP_BYTES * warps)
 
 
-def _gemv_launch(kernel: str, x2d, n: int, signman, codes, esc_exp, esc_off, lut: list[int], counter, warps=None):
-    """The one launch of the fused kernel, shared by `gemv` and the op."""
+def _gemv_launch(kernel: str, x2d, n: int, ptrs: list[int], lut: list[int], counter, warps=None):
+    """The one launch of the fused kernel, shared by `gemv` and the op. `ptrs`: `addresses(p)`."""
     m, k = x2d.shape
     tiles, iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
     _launch(f"{kernel}_m{_template(m)}", tiles, warps or warps_per_tile(tiles, iters, m),
-            [x2d, m, k, signman, codes, esc_exp, esc_off, *lut, y, n, iters, counter])  # fmt: skip
+            [x2d, m, k, *ptrs, *lut, y, n, iters, counter])  # fmt: skip
     return y
 
 
@@ -133,46 +149,30 @@ def gemv(
     kernel: str = "lut3_gemv",
 ):
     """x2d @ W.T for M <= 8 tokens, W decoded in registers. `counter` (int64, one element) counts launches.
-    `kernel="lut3_diag1"`/`"lut3_diag2"`: the bench's diagnostic variants (wrong results on purpose)."""
+    `kernel="lut3_diag1"`: the bench's diagnostic variant (escapes left undecoded: wrong results on purpose)."""
     _check(x2d, p.shape[1])
-    if p.esc_exp.data_ptr() % 4 or p.signman.data_ptr() % 16 or p.codes.data_ptr() % 4:
-        raise ValueError("lut3 kernel: signman must be 16-byte aligned and codes/esc_exp 4-byte aligned")
     counter = counter if counter is not None else _scratch_counter(x2d.device)
-    return _gemv_launch(kernel, x2d, p.shape[0], p.signman, p.codes, p.esc_exp, p.esc_off, list(p.lut_words()),
-                        counter, warps)  # fmt: skip
+    return _gemv_launch(kernel, x2d, p.shape[0], addresses(p), list(p.lut_words()), counter, warps)
 
 
 @dataclass
 class Reference:
-    """The uncompressed weight as the reference kernel reads it (built from W itself, not from the format)."""
+    """The uncompressed weight as the reference kernel reads it: W itself, in the kernel's stream order."""
 
     shape: tuple[int, int]
     tiles: int
     iters: int
-    main: torch.Tensor  # int16 stream: W with escaped weights' exponent zeroed (what the main pass multiplies)
-    mask: torch.Tensor  # int32 per (tile, iteration, lane): escape bits in the kernel's order
-    raw: torch.Tensor  # int16 stream: W
+    raw: torch.Tensor  # int16 stream: W (padding rows 0)
 
 
-def reference_inputs(weight: torch.Tensor, exponents: tuple[int, ...]) -> Reference:
+def reference_inputs(weight: torch.Tensor) -> Reference:
+    """Built from W alone (not from the format): the same bf16 values, in the order the kernel's lanes take them."""
     n, k = weight.shape
     tiles, iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
-    pad = tiles * lut3.TILE_ROWS - n
     raw = weight.detach().contiguous().view(torch.int16)
-    main = lut3.main_pass_weight(weight.detach().contiguous(), exponents).view(torch.int16)
-    member = torch.zeros(256, dtype=torch.bool, device=weight.device)
-    member[torch.tensor(list(exponents), device=weight.device)] = True
-    esc = ~member[(raw.to(torch.int32) >> 7) & 0xFF]
-    if pad:
-        raw, main = (torch.cat([t, t.new_zeros(pad, k)]) for t in (raw, main))
-        esc = torch.cat([esc, esc.new_zeros(pad, k)])
-    esc_s = lut3._stream_view(esc, tiles, iters).to(torch.int64)
-    bits = torch.zeros(esc_s.shape[:-1], dtype=torch.int64, device=weight.device)
-    for b in range(32):
-        bits |= esc_s[..., 8 * (b & 3) + (b >> 2)] << b
-    mask = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).reshape(-1)
-    return Reference((n, k), tiles, iters, lut3._stream_view(main, tiles, iters).reshape(-1).contiguous(), mask,
-                     lut3._stream_view(raw, tiles, iters).reshape(-1).contiguous())  # fmt: skip
+    if tiles * lut3.TILE_ROWS != n:
+        raw = torch.cat([raw, raw.new_zeros(tiles * lut3.TILE_ROWS - n, k)])
+    return Reference((n, k), tiles, iters, lut3._stream_view(raw, tiles, iters).reshape(-1).contiguous())
 
 
 def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | None = None, warps: int | None = None):
@@ -183,20 +183,18 @@ def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | No
     counter = counter if counter is not None else _scratch_counter(x2d.device)
     warps = warps or warps_per_tile(ref.tiles, ref.iters, m)
     _launch(f"lut3_ref_m{_template(m)}", ref.tiles, warps,
-            [x2d, m, k, ref.main, ref.mask, ref.raw, y, n, ref.iters, counter])  # fmt: skip
+            [x2d, m, k, *address(ref.raw), y, n, ref.iters, counter])  # fmt: skip
     return y
 
 
 def decode_gpu(p: lut3.Lut3) -> torch.Tensor:
-    """W as the kernel decodes it (main-pass decode + escapes patched), un-permuted: must equal W bit for bit."""
-    out = torch.empty(p.tiles * p.iters * 32 * 16, dtype=torch.int32, device=p.device)
-    hi0, hi1, lo0, lo1 = p.lut_words()
+    """W as the kernel decodes it, written out row-major [N, K] by the kernel itself: must equal W bit for bit."""
+    n, k = p.shape
+    out = torch.empty(n * k // 2, dtype=torch.int32, device=p.device)
     per_block = 4
     kernels()["lut3_decode"](grid=(-(-p.tiles // per_block), 1, 1), block=(32 * per_block, 1, 1),
-                             args=[p.signman, p.codes, p.esc_exp, p.esc_off, hi0, hi1, lo0, lo1, out, p.tiles,
-                                   p.iters])  # fmt: skip
-    bits = out.view(torch.int16).reshape(p.tiles, p.iters, 32, 32)
-    return lut3._unstream(bits, p.tiles, p.iters)[: p.shape[0]].contiguous().view(torch.bfloat16)
+                             args=[*addresses(p), *p.lut_words(), out, n, k, p.tiles, p.iters])  # fmt: skip
+    return out.view(torch.bfloat16).view(n, k)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -212,21 +210,12 @@ def _scratch_counter(device: torch.device) -> torch.Tensor:
 
 
 @torch.library.custom_op("codecllm::lut3_linear", mutates_args=("counts",))
-def lut3_linear(
-    x2d: torch.Tensor,
-    signman: torch.Tensor,
-    codes: torch.Tensor,
-    esc_exp: torch.Tensor,
-    esc_off: torch.Tensor,
-    lut: list[int],
-    n: int,
-    counts: torch.Tensor,
-    slot: int,
-) -> torch.Tensor:
-    """x2d @ W.T (W in lut3, M <= 8 tokens); adds 1 to counts.view(-1)[slot] on the device."""
-    return _gemv_launch("lut3_gemv", x2d, n, signman, codes, esc_exp, esc_off, lut, counts.view(-1)[slot:])
+def lut3_linear(x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int) -> torch.Tensor:
+    """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 8 tokens); adds 1 to counts.view(-1)[slot] on the
+    device. The weights are addresses, not tensors: see `address`."""
+    return _gemv_launch("lut3_gemv", x2d, n, ptrs, lut, counts.view(-1)[slot:])
 
 
 @lut3_linear.register_fake
-def _lut3_linear_fake(x2d, signman, codes, esc_exp, esc_off, lut, n, counts, slot):
+def _lut3_linear_fake(x2d, ptrs, lut, n, counts, slot):
     return x2d.new_empty((x2d.shape[0], n))

@@ -88,19 +88,20 @@ def _lut3_dense_fake(signman, codes, esc_exp, esc_off, exponents, n, k, counts, 
 
 
 @torch.library.custom_op("codecllm::lut3_reference_linear", mutates_args=("counter",))
-def lut3_reference_linear(
-    x2d: torch.Tensor, main: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor, n: int, counter: torch.Tensor
-) -> torch.Tensor:
-    """x2d @ W.T by the lut3 kernel fed the uncompressed W (lut3_cuda.reference_gemv), as an op like lut3_linear,
-    so that torch.compile treats the reference run exactly as the compressed one. `counter`: a launch count, given
-    so that no scratch tensor is created inside a CUDA-graph capture."""
-    k = x2d.shape[1]
-    ref = lut3_cuda.Reference((n, k), -(-n // lut3.TILE_ROWS), k // lut3.ITER_K, main, mask, raw)
-    return lut3_cuda.reference_gemv(x2d, ref, counter=counter)
+def lut3_reference_linear(x2d: torch.Tensor, raw: list[int], n: int, iters: int, counter: torch.Tensor) -> torch.Tensor:
+    """x2d @ W.T by the lut3 kernel fed the uncompressed W (lut3_cuda.reference_gemv; `raw`: the address of W in
+    the kernel's stream order), as an op like lut3_linear, so that torch.compile treats the reference run exactly
+    as the compressed one. `counter`: a launch count, given so that no scratch tensor is created inside a capture."""
+    m = x2d.shape[0]
+    tiles = -(-n // lut3.TILE_ROWS)
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
+    lut3_cuda._launch(f"lut3_ref_m{lut3_cuda._template(m)}", tiles, lut3_cuda.warps_per_tile(tiles, iters, m),
+                      [x2d, m, x2d.shape[1], *raw, y, n, iters, counter])  # fmt: skip
+    return y
 
 
 @lut3_reference_linear.register_fake
-def _lut3_reference_linear_fake(x2d, main, mask, raw, n, counter):
+def _lut3_reference_linear_fake(x2d, raw, n, iters, counter):
     return x2d.new_empty((x2d.shape[0], n))
 
 
@@ -126,14 +127,16 @@ class Fused(CachePolicy):
         check_setup(runtime.codec.name, placement, device, bool(runtime.embedding_layers))
         refuse_transposed([layer.name for layer in linear if layer.transposed])
         n = len(runtime.layers)
-        self._packed: dict[int, lut3.Lut3] = {}
+        self._packed: dict[int, lut3.Lut3] = {}  # views of the payloads: they keep the addresses below valid
+        self._ptrs: dict[int, list[int]] = {}  # the parts' addresses (constants in a traced graph, like the tables)
         self._lut: dict[int, list[int]] = {}  # the kernel's PRMT tables (baked into a traced graph as constants)
         self._slot: dict[int, int] = {}  # where the layer's launches count in the flattened device counts
         for layer in linear:
             p = self._packed[layer.index] = runtime.codec.packed(layer.ct)
             self._lut[layer.index] = list(p.lut_words())
             self._slot[layer.index] = IN_KERNEL * n + layer.index
-            _static(p.signman, p.codes, p.esc_exp, p.esc_off)
+            if p.signman.is_cuda:
+                self._ptrs[layer.index] = lut3_cuda.addresses(p)
         self._tiles = [-(-layer.ct.shape[0] // lut3.TILE_ROWS) if layer.index in self._packed else 0
                        for layer in runtime.layers]  # fmt: skip
         self._counts = torch.zeros((3, n), dtype=torch.int64, device=device)  # [decodes, bytes, in-kernel]
@@ -141,6 +144,7 @@ class Fused(CachePolicy):
         _static(self._counts, self._ref_counter)
         self._snapshots: list[torch.Tensor] = []  # counts at the start of each pass of this generation
         self._reference: dict[int, lut3_cuda.Reference] | None = None
+        self._ref_ptrs: dict[int, list[int]] = {}
         # The kernel never writes a weight out, so no forward would check one: check every layer's decode now
         # (the kernel's own decode on CUDA), as verify=first checks other policies' first decodes.
         runtime.verify_decodes(linear)
@@ -153,11 +157,11 @@ class Fused(CachePolicy):
             n = layer.out_features
             if self._reference is not None:
                 ref = self._reference[layer.index]
-                y = torch.ops.codecllm.lut3_reference_linear(x2d, ref.main, ref.mask, ref.raw, n, self._ref_counter)
+                y = torch.ops.codecllm.lut3_reference_linear(x2d, self._ref_ptrs[layer.index], n, ref.iters,
+                                                             self._ref_counter)  # fmt: skip
             else:
-                p = self._packed[layer.index]
-                y = torch.ops.codecllm.lut3_linear(x2d, p.signman, p.codes, p.esc_exp, p.esc_off,
-                                                   self._lut[layer.index], n, self._counts, self._slot[layer.index])  # fmt: skip
+                y = torch.ops.codecllm.lut3_linear(x2d, self._ptrs[layer.index], self._lut[layer.index], n,
+                                                   self._counts, self._slot[layer.index])  # fmt: skip
             y = y.view(*x.shape[:-1], n)
             return y if layer.bias is None else y + layer.bias
         # More tokens than the kernel takes, or the CPU: decode, then the ordinary matmul.
@@ -208,27 +212,27 @@ class Fused(CachePolicy):
 
     def close(self) -> None:
         self.clear()
-        self._packed, self._lut, self._slot, self._reference = {}, {}, {}, None
+        self._packed, self._ptrs, self._lut, self._slot, self._reference = {}, {}, {}, {}, None
 
     # -- the exactness reference -----------------------------------------------------------------------------------
     @contextmanager
     def reference(self) -> Iterator[None]:
         """Inside: every layer computed by the same kernel fed the uncompressed weight (lut3_cuda.reference_gemv on
-        reference_inputs of W), or by F.linear on W where the compressed path decodes. W is the decoded weight,
+        reference_inputs(W)), or by F.linear on W where the compressed path decodes. W is the decoded weight,
         checked against the original's checksum here. Nothing is counted."""
         refs: dict[int, lut3_cuda.Reference] = {}
         for layer in self.runtime.linear_layers:
             w = self.runtime.codec.decode(layer.ct)
             if checksum(w) != layer.ct.checksum:
                 raise IntegrityError(f"layer {layer.name}: decoded weight fails its checksum; no exactness reference")
-            ref = refs[layer.index] = lut3_cuda.reference_inputs(w, self._packed[layer.index].exponents)
-            _static(ref.main, ref.mask, ref.raw)
+            refs[layer.index] = lut3_cuda.reference_inputs(w)
             del w
         self._reference = refs
+        self._ref_ptrs = {index: lut3_cuda.address(ref.raw) for index, ref in refs.items() if ref.raw.is_cuda}
         try:
             yield
         finally:
-            self._reference = None
+            self._reference, self._ref_ptrs = None, {}
 
     def _reference_weight(self, layer: CompressedLinear) -> torch.Tensor:
         """W from the reference's raw stream (un-permuted: the reference holds no second dense copy)."""
