@@ -47,10 +47,10 @@ META_KEY = "codecllm"
 ORPHAN_AGE_S = 3600  # a temp file this old belongs to a writer that died
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """compress.cache_dir, else $CODECLLM_CACHE_DIR/artifacts, else ~/.cache/codecllm/artifacts."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
+def cache_root(artifact_dir: str | os.PathLike | None = None) -> Path:
+    """compress.artifact_dir, else $CODECLLM_CACHE_DIR/artifacts, else ~/.cache/codecllm/artifacts."""
+    if artifact_dir:
+        return Path(artifact_dir).expanduser()
     base = os.environ.get("CODECLLM_CACHE_DIR")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "codecllm") / "artifacts"
 
@@ -194,10 +194,10 @@ def _read(path: Path, key: ArtifactKey) -> dict[str, CompressedTensor]:
 
 
 def artifact_cache(compress_cfg: Mapping[str, Any]) -> ArtifactCache | None:
-    """The cache a run's compress config asks for (compress.artifact_cache, compress.cache_dir), or None."""
+    """The cache a run's compress config asks for (compress.artifact_cache, compress.artifact_dir), or None."""
     if not compress_cfg.get("artifact_cache", True):
         return None
-    return ArtifactCache(cache_root(compress_cfg.get("cache_dir")))
+    return ArtifactCache(cache_root(compress_cfg.get("artifact_dir")))
 
 
 def compress_cached(

@@ -35,7 +35,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 from harness.errors import HarnessError
-from harness.model_cache import CACHE_KEY_FILE, _safe_dirname, cached_conversion, model_cache_root  # noqa: F401
+from harness.converted_models import CACHE_KEY_FILE, _safe_dirname, cached_conversion, converted_root  # noqa: F401
 from harness.registry import Registry
 from harness.tokenizer import VOCAB_SIZE, byte_tokenizer
 
@@ -224,7 +224,7 @@ def _load_pretrained(
         return model.to(device), tokenizer, name_or_path, None
 
     gguf_path = _resolve_gguf(name_or_path, str(gguf_file), local)
-    cache_dir = model_cache_root(_opt(cfg, "cache_dir")) / _safe_dirname(str(_opt(cfg, "name") or gguf_path.stem))
+    cache_dir = converted_root(_opt(cfg, "converted_dir")) / _safe_dirname(str(_opt(cfg, "name") or gguf_path.stem))
     key = _gguf_key(gguf_path, dtype)
     hit = cached_conversion(
         key, cache_dir, lambda tmp: _convert_gguf(gguf_path, dtype, trust_remote_code, tmp, cache_dir)

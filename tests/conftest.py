@@ -76,7 +76,7 @@ TINY_RUN = ("model=tiny", "logger=none", "generate.max_new_tokens=2", "generate.
 
 def tiny_run_config(tmp_path: Path, *overrides: str):
     """The tiny run's config with its artifact cache under tmp_path (never the user's cache)."""
-    return compose_config(*TINY_RUN, f"compress.cache_dir={tmp_path / 'artifacts'}", *overrides)
+    return compose_config(*TINY_RUN, f"compress.artifact_dir={tmp_path / 'artifacts'}", *overrides)
 
 
 # ---------------------------------------------------------------- the tiny model and its dense reference

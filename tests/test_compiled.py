@@ -128,7 +128,7 @@ def test_cli_runs_compiled_on_the_cpu(tmp_path, harness_cli):
 
     proc = harness_cli(["model=tiny", "compress.layers=all", "cache=block", "generate.compile=true", "logger=none",
                         "generate.max_new_tokens=4", "generate.repeats=2", f"hydra.run.dir={tmp_path}",
-                        f"compress.cache_dir={tmp_path / 'art'}"], cwd=tmp_path)
+                        f"compress.artifact_dir={tmp_path / 'art'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["baseline"]["compile"] == res["compressed"]["compile"] == "inductor"

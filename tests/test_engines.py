@@ -42,7 +42,7 @@ def start_sweep(launcher: str, tmp_path: Path, *args: str, env: dict | None = No
     sweep_dir = tmp_path / "sweep"
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", **(env or {})}
     cmd = [sys.executable, "-m", "harness", "-m", f"hydra/launcher={launcher}", *TINY, *args,
-           f"hydra.sweep.dir={sweep_dir}", f"compress.cache_dir={tmp_path / 'artifacts'}"]
+           f"hydra.sweep.dir={sweep_dir}", f"compress.artifact_dir={tmp_path / 'artifacts'}"]
     out = (tmp_path / "sweep.log").open("w")
     return subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=out, stderr=subprocess.STDOUT), sweep_dir
 

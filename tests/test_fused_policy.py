@@ -148,7 +148,7 @@ def test_cli_run_on_the_cpu(harness_cli, tmp_path):
     run_dir = tmp_path / "run"
     proc = harness_cli(["model=tiny", "compress.codec=fused_lut3", "cache=fused", "compress.layers=all", "logger=none",
                         "generate.max_new_tokens=4", "generate.min_new_tokens=4", "generate.repeats=2",
-                        f"hydra.run.dir={run_dir}", f"compress.cache_dir={tmp_path / 'art'}"], tmp_path)  # fmt: skip
+                        f"hydra.run.dir={run_dir}", f"compress.artifact_dir={tmp_path / 'art'}"], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((run_dir / "results.json").read_text())
     comp, cmp_ = res["compressed"], res["comparison"]

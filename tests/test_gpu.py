@@ -396,7 +396,7 @@ def test_fused_experiment_runs_compiled_end_to_end(harness_cli, tmp_path):
 
     proc = harness_cli(["experiment=fused", "model=tiny", "generate.compile=true", "logger=none", "generate.repeats=2",
                         "generate.max_new_tokens=6", "generate.min_new_tokens=6", f"hydra.run.dir={tmp_path}",
-                        f"compress.cache_dir={tmp_path / 'art'}"], cwd=tmp_path)  # fmt: skip
+                        f"compress.artifact_dir={tmp_path / 'art'}"], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     comp, cmp_ = res["compressed"], res["comparison"]

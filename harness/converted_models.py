@@ -1,4 +1,4 @@
-"""The converted-model cache: a conversion (GGUF -> safetensors) is built once, keyed by its source, and
+"""Converted models (model.converted_dir): a conversion (GGUF -> safetensors) is built once, keyed by its source, and
 installed atomically so that readers never see a half-written one and concurrent jobs never corrupt it."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 CACHE_KEY_FILE = "codecllm_source.json"  # written last into a conversion: its presence marks a complete one
 
 
-def model_cache_root(cache_dir: str | None = None) -> Path:
-    """Where converted models live: cfg.cache_dir, else $CODECLLM_CACHE_DIR/models, else ~/.cache/codecllm/models."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
+def converted_root(converted_dir: str | None = None) -> Path:
+    """Where converted models live: model.converted_dir, else $CODECLLM_CACHE_DIR/models, else ~/.cache/codecllm/models."""
+    if converted_dir:
+        return Path(converted_dir).expanduser()
     base = os.environ.get("CODECLLM_CACHE_DIR")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "codecllm") / "models"
 
@@ -69,7 +69,7 @@ def _install(tmp: Path, cache_dir: Path, key: dict[str, Any]) -> None:
 def _discard_stale(cache_dir: Path) -> None:
     if not (cache_dir / CACHE_KEY_FILE).exists():  # never delete a directory this code did not write
         raise HarnessError(
-            f"model cache dir {cache_dir} exists but is not a codecllm conversion; remove it or set model.cache_dir"
+            f"model cache dir {cache_dir} exists but is not a codecllm conversion; remove it or set model.converted_dir"
         )
     log.info("source of %s changed; reconverting", cache_dir)
     trash = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.stale-", dir=cache_dir.parent))
