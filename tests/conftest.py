@@ -119,7 +119,7 @@ def run_harness(args: list[str], cwd: Path, timeout: int = 600, env: dict | None
     """`python -m harness ARGS` in a subprocess, as a user types it."""
     import subprocess
 
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": pythonpath(), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "harness", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, RunIf
+from conftest import RunIf, pythonpath
 from test_report import PLOT_STEMS
 from test_sweep import offline_run
 
@@ -40,7 +41,7 @@ RAY_STOP_TIMEOUT_S = 45
 def start_sweep(launcher: str, tmp_path: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """`python -m harness -m hydra/launcher=LAUNCHER ...` in the background; its output goes to tmp_path/sweep.log."""
     sweep_dir = tmp_path / "sweep"
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": pythonpath(), "WANDB_MODE": "offline", **(env or {})}
     cmd = [sys.executable, "-m", "harness", "-m", f"hydra/launcher={launcher}", *TINY, *args,
            f"hydra.sweep.dir={sweep_dir}", f"compress.artifact_dir={tmp_path / 'artifacts'}"]
     out = (tmp_path / "sweep.log").open("w")
@@ -161,9 +162,11 @@ def _free_port() -> int:
 def ray_cluster(tmp_path_factory):
     """A one-node Ray cluster (`ray start --head --block`, in its own process group): yields (its process, the
     environment a driver joins it with). Jobs run in its workers, so they get its environment: the repo on
-    PYTHONPATH, W&B offline. Ray's token authentication stays on, as `ray start` sets it up (the token in
-    ~/.ray/auth_token); a driver given an explicit address sends the token only with RAY_AUTH_MODE=token.
+    PYTHONPATH, W&B offline. Ray's token authentication stays on: `ray start` with RAY_AUTH_MODE=token refuses to
+    start without a token (it makes none itself), so the cluster and its driver get a fresh one in RAY_AUTH_TOKEN,
+    never written to ~/.ray; a driver given an explicit address sends it only with RAY_AUTH_MODE=token.
     Stopped with SIGTERM (--block then stops what it started), SIGKILL to the group if that takes too long."""
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     port = _free_port()
     log = tmp_path_factory.mktemp("ray") / "ray.log"
     # Its own temp dir: its sessions, logs and sockets, and the record of "the cluster last started here", which
@@ -175,7 +178,7 @@ def ray_cluster(tmp_path_factory):
            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            f"--metrics-export-port={_free_port()}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "WANDB_MODE": "offline", **auth}
     with log.open("w") as out:
         head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -183,7 +186,7 @@ def ray_cluster(tmp_path_factory):
         while "Ray runtime started" not in log.read_text(errors="replace"):
             assert head.poll() is None and time.monotonic() < end, log.read_text(errors="replace")[-3000:]
             time.sleep(0.2)
-        yield head, {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+        yield head, {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
     finally:
         processes = [head, *psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
         head.send_signal(signal.SIGTERM)

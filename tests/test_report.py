@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RunIf
+from conftest import RunIf, pythonpath
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from matplotlib.image import imread
@@ -259,7 +259,7 @@ def test_cli_bad_dir_exits_2(tmp_path, make_dir):
 
 
 def _cli(sweep_dir: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    env = os.environ | {"PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "-m", "harness.report", str(sweep_dir)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
@@ -344,7 +344,7 @@ def _multirun(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProc
     shutil.copytree(REPO / "conf" / "hydra" / "launcher", conf / "hydra" / "launcher")
     (tmp_path / "app.py").write_text(APP)
     (tmp_path / "cfg.yaml").write_text(textwrap.dedent(APP_CFG.format(conf=conf, sweep_dir=sweep_dir)))
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "app.py", "-m", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     return proc, sweep_dir

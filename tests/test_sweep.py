@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RunIf
+from conftest import RunIf, pythonpath
 from test_report import CHROMIUM, PLOT_STEMS  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 
 from harness.tracking import FLAT_KEYS, SweepInfo, flat_config, make_tracker, run_identity, sweep_group
@@ -233,7 +233,7 @@ def test_logger_none_touches_no_wandb(tmp_path):
 
 
 def _workspace_cli(*args: str, env: dict | None = None, home: Path | None = None) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"PYTHONPATH": str(REPO)}
+    full = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"PYTHONPATH": pythonpath()}
     if home is not None:  # no ~/.netrc, no W&B settings: no API key
         full |= {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb")}
     full |= env or {}
