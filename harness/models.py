@@ -34,8 +34,8 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
-from harness.errors import HarnessError
 from harness.converted_models import CACHE_KEY_FILE, _safe_dirname, cached_conversion, converted_root  # noqa: F401
+from harness.errors import HarnessError
 from harness.registry import Registry
 from harness.tokenizer import VOCAB_SIZE, byte_tokenizer
 
