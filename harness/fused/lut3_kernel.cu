@@ -170,27 +170,20 @@ __device__ __forceinline__ void locate(Buf& b, int lane, int& esc_pos, const u8*
   window_of(esc_exp, b.pos, b.wlo, b.whi);
 }
 
-template <int DIAG>
-__device__ __forceinline__ void fused_operands(const uint4 s0, const uint4 s1, u32 w0, u32 w1, u32 w2, u32 wlo,
-                                               u32 whi, int pos, const Lut lut, const u8* __restrict__ esc_exp,
-                                               u32* A) {
-  Flags f = flags_of(w0, w1, w2);
-  if (DIAG == 1) {
-#pragma unroll
-    for (int g = 0; g < 4; ++g) f.n[g] = 0;
-    f.count = 0;
-  }
-  if (f.count > WINDOW) {
-    decode32<true>(s0, s1, w0, w1, w2, lut, f, wlo, whi, esc_exp, pos, A);
-  } else {
-    decode32<false>(s0, s1, w0, w1, w2, lut, f, wlo, whi, esc_exp, pos, A);
-  }
-}
-
 template <bool FUSED, int DIAG>
 __device__ __forceinline__ void operands(const Buf& b, const Lut lut, const u8* __restrict__ esc_exp, u32* A) {
   if (FUSED) {
-    fused_operands<DIAG>(b.s0, b.s1, b.w0, b.w1, b.w2, b.wlo, b.whi, b.pos, lut, esc_exp, A);
+    Flags f = flags_of(b.w0, b.w1, b.w2);
+    if (DIAG == 1) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) f.n[g] = 0;
+      f.count = 0;
+    }
+    if (f.count > WINDOW) {
+      decode32<true>(b.s0, b.s1, b.w0, b.w1, b.w2, lut, f, b.wlo, b.whi, esc_exp, b.pos, A);
+    } else {
+      decode32<false>(b.s0, b.s1, b.w0, b.w1, b.w2, lut, f, b.wlo, b.whi, esc_exp, b.pos, A);
+    }
   } else {
     const u32 v[16] = {b.r[0].x, b.r[0].y, b.r[0].z, b.r[0].w, b.r[1].x, b.r[1].y, b.r[1].z, b.r[1].w,
                        b.r[2].x, b.r[2].y, b.r[2].z, b.r[2].w, b.r[3].x, b.r[3].y, b.r[3].z, b.r[3].w};
@@ -210,7 +203,7 @@ __device__ __forceinline__ void mma_iter(const u32* A, const u32* __restrict__ x
   }
 }
 
-template <int MT, bool FUSED, int DIAG = 0, bool PIPE = false>
+template <int MT, bool FUSED, int DIAG = 0>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, const uint4* __restrict__ sm,
                                      const u32* __restrict__ codes, const u8* __restrict__ esc_exp,
                                      const int* __restrict__ esc_off, const uint4* __restrict__ raw, Lut lut,
@@ -229,64 +222,8 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
 
   // Unrolled by two with named buffers: the next iteration's loads are in flight during this one's decode, with
   // no register copies between iterations; an iteration's escape window is located just before its decode.
-  const size_t l0 = ((size_t)tile * I + it0) * 32 + lane;
-  if (PIPE) {
-    // Software pipeline: an iteration's code words are loaded two iterations ahead, its sign+mantissa bytes one
-    // ahead, and its escape window is located one ahead (from code words that arrived during the previous
-    // decode), so no load is waited on right after it is issued: the window's dependent load (prefix count, then
-    // the list) no longer stalls every iteration, and more bytes are in flight per warp.
-    uint4 s0 = make_uint4(0, 0, 0, 0), s1 = s0;
-    u32 c0 = 0, c1 = 0, c2w = 0, n0 = 0, n1 = 0, n2 = 0;  // code words of `it` (c*) and `it + 1` (n*)
-    Buf w;  // the escape window of `it` (wlo, whi, pos); locate() reads only the code words of its argument
-    w.wlo = w.whi = 0;
-    w.pos = 0;
-    if (it0 < it1) {
-      s0 = __ldg(sm + 2 * l0);
-      s1 = __ldg(sm + 2 * l0 + 1);
-      c0 = __ldg(codes + l0);
-      c1 = __ldg(codes + lanes_total + l0);
-      c2w = __ldg(codes + 2 * lanes_total + l0);
-    }
-    if (it0 + 1 < it1) {
-      n0 = __ldg(codes + l0 + 32);
-      n1 = __ldg(codes + lanes_total + l0 + 32);
-      n2 = __ldg(codes + 2 * lanes_total + l0 + 32);
-    }
-    if (it0 < it1) {
-      w.w0 = c0, w.w1 = c1, w.w2 = c2w;
-      locate<DIAG>(w, lane, esc_pos, esc_exp);
-    }
-#pragma unroll 2
-    for (int it = it0; it < it1; ++it) {
-      const size_t li = l0 + (size_t)(it - it0) * 32;
-      uint4 t0 = make_uint4(0, 0, 0, 0), t1 = t0;
-      u32 m0 = 0, m1 = 0, m2 = 0;
-      Buf wn;
-      wn.wlo = wn.whi = 0;
-      wn.pos = 0;
-      if (it + 1 < it1) {
-        t0 = __ldg(sm + 2 * (li + 32));
-        t1 = __ldg(sm + 2 * (li + 32) + 1);
-      }
-      if (it + 2 < it1) {
-        m0 = __ldg(codes + li + 64);
-        m1 = __ldg(codes + lanes_total + li + 64);
-        m2 = __ldg(codes + 2 * lanes_total + li + 64);
-      }
-      if (it + 1 < it1) {
-        wn.w0 = n0, wn.w1 = n1, wn.w2 = n2;
-        locate<DIAG>(wn, lane, esc_pos, esc_exp);
-      }
-      u32 A[16];
-      fused_operands<DIAG>(s0, s1, c0, c1, c2w, w.wlo, w.whi, w.pos, lut, esc_exp, A);
-      mma_iter(A, xrow, it, t, has_tok, c, c2);
-      s0 = t0, s1 = t1;
-      c0 = n0, c1 = n1, c2w = n2;
-      n0 = m0, n1 = m1, n2 = m2;
-      w.wlo = wn.wlo, w.whi = wn.whi, w.pos = wn.pos;
-    }
-  } else {
   Buf a, b;
+  const size_t l0 = ((size_t)tile * I + it0) * 32 + lane;
   if (it0 < it1) fetch<FUSED>(a, l0, lanes_total, sm, codes, raw);
   for (int it = it0; it < it1; it += 2) {
     const size_t la = l0 + (size_t)(it - it0) * 32;
@@ -301,7 +238,6 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
       operands<FUSED, DIAG>(b, lut, esc_exp, A);
       mma_iter(A, xrow, it + 1, t, has_tok, c, c2);
     }
-  }
   }
 #pragma unroll
   for (int e = 0; e < 4; ++e) c[e] += c2[e];
@@ -336,13 +272,6 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
     gemv<MT, true>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                      \
                    ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                           \
                    Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);                             \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(512) lut3_pipe_m##MT(                                          \
-      const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,   \
-      u32 off_lo, u32 off_hi, int hi0, int hi1, int lo0, int lo1, u16* y, int N, int I, u64* counter) {        \
-    gemv<MT, true, 0, true>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),             \
-                            ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                  \
-                            Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);                    \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                           \
       const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {               \
