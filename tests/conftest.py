@@ -148,7 +148,8 @@ def assert_refused(proc, message: str) -> str:
 
 # What `slow` means: the test starts a process (the CLI, a sweep, an engine) or loads the real SmolLM2 model. Marked
 # by rule, not by hand, so a new test is marked as soon as it does either: `pytest -m "not slow"` is the inner loop
-# (library code, tiny in-process models); CI runs everything.
+# (library code, tiny in-process models); CI runs everything. (By hand only where no rule sees it: a test that
+# makes lm-eval build its whole task index.)
 _SLOW_SOURCE = ("run_harness(", "subprocess", "Popen", "smollm2", "_multirun(", "fidelity_run(")
 
 

@@ -12,6 +12,7 @@ import json
 import pytest
 from conftest import tiny_run_config
 
+import harness.checks as checks
 import harness.experiment as experiment
 from harness.errors import HarnessError
 
@@ -87,7 +88,7 @@ def test_bad_input_fails_before_any_phase(tmp_path, watched, capsys, case):
 
 def test_null_optional_callback_is_skipped(tmp_path):
     cfg = cfg_of(tmp_path, ["callbacks.metrics=null"])
-    callbacks = experiment.make_callbacks(cfg)
+    callbacks = checks.make_callbacks(cfg)
     assert [type(c).__name__ for c in callbacks] == ["ForwardPassCounter", "GenerationTimer", "CachePolicyBoundaries",
                                                      "PhaseMemory"]
 
@@ -95,7 +96,7 @@ def test_null_optional_callback_is_skipped(tmp_path):
 def test_selection_is_made_once_and_reused(tmp_path, monkeypatch):
     """The layers checked before the baseline are the layers compressed: one selection, passed on."""
     made, passed = [], []
-    select, compress = experiment.select_layers, experiment.compress_cached
+    select, compress = checks.select_layers, experiment.compress_cached
 
     def select_layers(*args, **kwargs):
         made.append(select(*args, **kwargs))
@@ -105,7 +106,7 @@ def test_selection_is_made_once_and_reused(tmp_path, monkeypatch):
         passed.append(kwargs.get("selection"))
         return compress(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "select_layers", select_layers)
+    monkeypatch.setattr(checks, "select_layers", select_layers)
     monkeypatch.setattr(experiment, "compress_cached", compress_cached)
     res = experiment.run(cfg_of(tmp_path, ["compress.layers=3", "compress.order=largest"]), tmp_path / "run", [])
     assert res["status"] == "completed" and len(made) == 1 and passed == made

@@ -8,10 +8,10 @@ import torch
 from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
+from harness.checks import validate
 from harness.codecs import CODECS
 from harness.components import build_codec, policy_factory
 from harness.errors import HarnessError
-from harness.experiment import validate
 from harness.runtime.policy import make_policy
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}

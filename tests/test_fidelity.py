@@ -21,8 +21,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness import fidelity
+from harness.checks import validate
 from harness.errors import HarnessError
-from harness.experiment import validate
 from harness.tokenizer import VOCAB_SIZE, byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +180,7 @@ def test_compare_mismatched_prompts_or_docs_are_different(base):
         assert cmp["tasks"][task]["samples_differing"] >= 1
 
 
+@pytest.mark.slow  # an unknown name makes lm-eval index every task it ships (~15 s), as a user's typo would
 def test_unknown_task_is_a_one_line_harness_error(model, tok):
     with pytest.raises(HarnessError) as err:
         fidelity.evaluate(model, tok, ["codecllm_clozee"], limit=1)

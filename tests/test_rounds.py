@@ -10,9 +10,10 @@ import torch
 from conftest import compose_config
 from torch import nn
 
+from harness.checks import AUTO_ROUNDS, rounds_of, validate
 from harness.codecs import make_codec
 from harness.errors import HarnessError
-from harness.experiment import AUTO_ROUNDS, rounds_of, run, validate
+from harness.experiment import run
 from harness.models import tiny_llama
 from harness.report.collect import job_row
 from harness.report.tables import to_markdown

@@ -39,7 +39,7 @@ DECODES, BYTES, IN_KERNEL = 0, 1, 2  # rows of the device counts [3, layers]
 
 
 def check_setup(codec: str, placement: str, device: torch.device, embeddings: bool) -> None:
-    """What cache=fused can run with, checked from the config alone (experiment.validate, before the model loads);
+    """What cache=fused can run with, checked from the config alone (checks.validate, before the model loads);
     the policy's constructor checks the same on the compressed layers."""
     if codec != CODEC:
         raise HarnessError(f"cache=fused multiplies lut3 weights in its kernel: it needs compress.codec={CODEC}, "

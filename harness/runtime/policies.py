@@ -88,7 +88,7 @@ class LRU(_Keeping):
     @staticmethod
     def check_budget(budget_mb: float | None, layers: list[tuple[str, int]]) -> None:
         """The budget must be > 0 and hold the largest dense linear weight (name, bytes) it keeps (embeddings
-        decode rows and are not kept). One rule for the constructor and for experiment.check_loaded, which
+        decode rows and are not kept). One rule for the constructor and for checks.check_loaded, which
         applies it to the selected layers before the baseline runs."""
         if budget_mb is None or budget_mb <= 0:
             raise HarnessError(f"cache.budget_mb={budget_mb} is invalid; the lru policy needs a budget > 0 (MB)")
