@@ -80,19 +80,24 @@ def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]
         row = {"matrix": name, "N": n, "K": k, "M": m, "encode_s": enc_s, "ratio": dense_bytes / comp_bytes,
                "escape_rate": p.n_escapes / (n * k), "decode_gpu_exact": decode_exact,
                "decode_torch_exact": torch_decode_exact, "copies": copies, "configs": []}  # fmt: skip
-        best = None
-        for wp in warps_list:
-            if wp > p.iters:
-                continue
-            y = lut3_cuda.gemv(x, p, warps=wp)
-            y_ref_w = lut3_cuda.reference_gemv(x, ref, warps=wp)
-            exact = bool(torch.equal(y, y_ref_w))
-            t = graph_time_s([(lambda q=q, wp=wp, x=x: lut3_cuda.gemv(x, q, warps=wp)) for q in packs])
-            cfg = {"warps": wp, "us": t * 1e6, "gbps_compressed": comp_bytes / t / 1e9, "fused_eq_reference": exact,
-                   "rel_err_fp64": rel(y.float(), y64)}  # fmt: skip
-            row["configs"].append(cfg)
-            if best is None or t < best["us"] / 1e6:
-                best = cfg
+        best, per_kernel = None, {}
+        for kern in lut3_cuda.FUSED_KERNELS:
+            for wp in warps_list:
+                if wp > p.iters:
+                    continue
+                y = lut3_cuda.gemv(x, p, warps=wp, kernel=kern)
+                y_ref_w = lut3_cuda.reference_gemv(x, ref, warps=wp)
+                exact = bool(torch.equal(y, y_ref_w))
+                t = graph_time_s([(lambda q=q, wp=wp, x=x, kern=kern: lut3_cuda.gemv(x, q, warps=wp, kernel=kern))
+                                  for q in packs])  # fmt: skip
+                cfg = {"kernel": kern, "warps": wp, "us": t * 1e6, "gbps_compressed": comp_bytes / t / 1e9,
+                       "fused_eq_reference": exact, "rel_err_fp64": rel(y.float(), y64)}  # fmt: skip
+                row["configs"].append(cfg)
+                if kern not in per_kernel or t < per_kernel[kern]["us"] / 1e6:
+                    per_kernel[kern] = cfg
+                if best is None or t < best["us"] / 1e6:
+                    best = cfg
+        row["per_kernel_us"] = {k: v["us"] for k, v in per_kernel.items()}
         if m == 1:  # where the time goes: the same kernel with the escapes left undecoded (wrong on purpose)
             row["diag1_us"] = 1e6 * graph_time_s(
                 [(lambda q=q, wp=best["warps"], x=x: lut3_cuda.gemv(x, q, warps=wp, kernel="lut3_diag1")) for q in packs]
@@ -103,7 +108,7 @@ def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]
         )
         t_blas = graph_time_s([(lambda d=d, x=x: F.linear(x, d)) for d in dense])
         row.update(
-            best_warps=best["warps"], fused_us=best["us"], reference_us=t_ref * 1e6, cublas_us=t_blas * 1e6,
+            best_kernel=best["kernel"], best_warps=best["warps"], fused_us=best["us"], reference_us=t_ref * 1e6, cublas_us=t_blas * 1e6,
             fused_gbps_compressed=comp_bytes / (best["us"] / 1e6) / 1e9, cublas_gbps=dense_bytes / t_blas / 1e9,
             speedup_vs_cublas=t_blas / (best["us"] / 1e6), fused_eq_reference=best["fused_eq_reference"],
             reference_eq_across_configs=all(c["fused_eq_reference"] for c in row["configs"]),
@@ -163,29 +168,31 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"\ncopy bandwidth {bw:.0f} GB/s (read + write)")
     print(
-        "| matrix | M | ratio | esc | fused us | escapes undecoded us | reference us | cuBLAS us "
-        "| x cuBLAS | fused GB/s (compr.) | % copy BW | warps | ==ref | dec exact |"
+        "| matrix | M | ratio | esc | fused us | gemv us | gemv72 us | escapes undecoded us | reference us | cuBLAS us "
+        "| x cuBLAS | fused GB/s (compr.) | % copy BW | kernel, warps | ==ref | dec exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['matrix']} | error: {r['error'][:80]} |")
             continue
         d1 = r.get("diag1_us")
+        pk = r["per_kernel_us"]
         print(f"| {r['matrix']} | {r['M']} | {r['ratio']:.3f} | {r['escape_rate']:.4f} | {r['fused_us']:.1f} | "
-              f"{d1 and round(d1, 1)} | {r['reference_us']:.1f} | {r['cublas_us']:.1f} | {r['speedup_vs_cublas']:.2f} | {r['fused_gbps_compressed']:.0f} | "
-              f"{100 * r['fused_gbps_compressed'] / bw:.0f} | {r['best_warps']} | {r['fused_eq_reference']} | "
+              f"{pk.get('lut3_gemv', 0):.1f} | {pk.get('lut3_gemv72', 0):.1f} | {d1 and round(d1, 1)} | {r['reference_us']:.1f} | {r['cublas_us']:.1f} | {r['speedup_vs_cublas']:.2f} | {r['fused_gbps_compressed']:.0f} | "
+              f"{100 * r['fused_gbps_compressed'] / bw:.0f} | {r['best_kernel'][5:]}, {r['best_warps']} | {r['fused_eq_reference']} | "
               f"{r['decode_gpu_exact']} |")  # fmt: skip
     for m in ms:
         for model in ("8b", "1b"):
             sel = [r for r in rows if "error" not in r and r["M"] == m and r["matrix"].startswith(model + ".")]
             if sel:
-                f_us = sum(r["fused_us"] * SHAPES[r["matrix"]][2] for r in sel)
                 b_us = sum(r["cublas_us"] * SHAPES[r["matrix"]][2] for r in sel)
-                print(
-                    f"{model} M={m}: matmuls per token ({len(sel)} shapes) fused {f_us / 1e3:.2f} ms, "
-                    f"cuBLAS {b_us / 1e3:.2f} ms, x{b_us / f_us:.2f}"
-                )
+                for kern in lut3_cuda.FUSED_KERNELS:
+                    f_us = sum(r["per_kernel_us"][kern] * SHAPES[r["matrix"]][2] for r in sel)
+                    print(
+                        f"{model} M={m}: matmuls per token ({len(sel)} shapes) {kern} {f_us / 1e3:.2f} ms, "
+                        f"cuBLAS {b_us / 1e3:.2f} ms, x{b_us / f_us:.2f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -307,6 +307,26 @@ def test_lut3_decode_gpu_is_bit_exact(shape):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_every_fused_kernel_equals_the_reference_kernel(tokens):
+    """Each fused variant (registers as allocated, held to 72) gives the reference kernel's output bit for bit, at
+    every warp count, on weights with escapes and on escape-dense ones (more than a window's 7 per lane)."""
+    from harness.fused import lut3, lut3_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    normal = torch.randn(512, 1024, device="cuda", generator=g) * 0.02
+    wide = normal * torch.exp2(torch.randint(-10, 10, normal.shape, device="cuda", generator=g).float())
+    x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    for w in (normal.to(torch.bfloat16), wide.to(torch.bfloat16)):
+        p, ref = lut3.encode(w), lut3_cuda.reference_inputs(w)
+        for warps in (1, 4, 16):
+            want = lut3_cuda.reference_gemv(x, ref, warps=warps)
+            for kernel in lut3_cuda.FUSED_KERNELS:
+                assert torch.equal(lut3_cuda.gemv(x, p, warps=warps, kernel=kernel), want), (kernel, warps)
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1)
 def test_lut3_decode_gpu_keeps_every_bit_pattern():
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(512, 128)
     codec = make_codec("fused_lut3")

@@ -1,4 +1,5 @@
 """zstd codecs: `zstd` compresses the raw weight bytes; `zstd_grouped` compresses byte planes separately.
+(Just past 300 lines: two codecs over one chunked-frame base, its thread pool and scratch buffers.)
 
 Both cut the tensor into chunks of `chunk_bytes` (original bytes) so encode and decode can run on several
 threads (zstandard releases the GIL), and concatenate every frame into one flat uint8 payload; `meta` holds

@@ -12,6 +12,7 @@ CUDA states both directly, and torch ships NVRTC, so nothing is built at install
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from harness.fused import lut3
 MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to decode + matmul
 _TEMPLATES = (1, 2, 4, 8)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
-_NAMES = [f"lut3_gemv_m{m}" for m in _TEMPLATES] + [f"lut3_ref_m{m}" for m in _TEMPLATES] + ["lut3_decode"]
+_NAMES = [f"lut3_{v}_m{m}" for v in ("gemv", "gemv72", "ref") for m in _TEMPLATES] + ["lut3_decode"]
 _NAMES += ["lut3_diag1_m1"]  # bench/lut3_kernel.py only: the escapes left undecoded, to time what they cost
 _kernels: dict | None = None
 # warps per tile by (tiles, iters, tokens), set by tune(); otherwise warps_per_tile's heuristic
@@ -124,6 +125,14 @@ def _check(x2d: torch.Tensor, k: int) -> None:
         raise ValueError(f"lut3 kernel wants contiguous bf16 [M, {k}], got {x2d.dtype} {tuple(x2d.shape)}")
 
 
+# The fused kernel the op launches: "lut3_gemv" (registers as the compiler allocates them) or "lut3_gemv72" (the
+# same code held to 72 registers, for more warps per SM). CODECLLM_LUT3_KERNEL picks one for an A/B run of a whole
+# model; bench/lut3_kernel.py times both per matrix.
+FUSED_KERNELS = ("lut3_gemv", "lut3_gemv72")
+FUSED_KERNEL = os.environ.get("CODECLLM_LUT3_KERNEL", FUSED_KERNELS[0])
+if FUSED_KERNEL not in FUSED_KERNELS:
+    raise ValueError(f"CODECLLM_LUT3_KERNEL={FUSED_KERNEL!r}: choose one of {', '.join(FUSED_KERNELS)}")
+
 SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums
 
 
@@ -146,13 +155,14 @@ def gemv(
     p: lut3.Lut3,
     counter: torch.Tensor | None = None,
     warps: int | None = None,
-    kernel: str = "lut3_gemv",
+    kernel: str | None = None,
 ):
     """x2d @ W.T for M <= 8 tokens, W decoded in registers. `counter` (int64, one element) counts launches.
-    `kernel="lut3_diag1"`: the bench's diagnostic variant (escapes left undecoded: wrong results on purpose)."""
+    `kernel`: FUSED_KERNEL unless named; "lut3_diag1" is the bench's diagnostic variant (escapes left undecoded:
+    wrong results on purpose)."""
     _check(x2d, p.shape[1])
     counter = counter if counter is not None else _scratch_counter(x2d.device)
-    return _gemv_launch(kernel, x2d, p.shape[0], addresses(p), list(p.lut_words()), counter, warps)
+    return _gemv_launch(kernel or FUSED_KERNEL, x2d, p.shape[0], addresses(p), list(p.lut_words()), counter, warps)
 
 
 @dataclass
@@ -213,7 +223,7 @@ def _scratch_counter(device: torch.device) -> torch.Tensor:
 def lut3_linear(x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int) -> torch.Tensor:
     """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 8 tokens); adds 1 to counts.view(-1)[slot] on the
     device. The weights are addresses, not tensors: see `address`."""
-    return _gemv_launch("lut3_gemv", x2d, n, ptrs, lut, counts.view(-1)[slot:])
+    return _gemv_launch(FUSED_KERNEL, x2d, n, ptrs, lut, counts.view(-1)[slot:])
 
 
 @lut3_linear.register_fake

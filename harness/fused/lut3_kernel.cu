@@ -265,14 +265,20 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   if (counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(counter, 1ull);
 }
 
-#define LUT3_GEMV(MT)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(512) lut3_gemv_m##MT(                                          \
+// The fused kernel twice: as the compiler allocates it (82 registers: 23 warps per SM) and held to 72 registers
+// (no spills: 28 warps per SM, so e.g. the 8B gate/up launch of 3584 warps fits the H200's 132 SMs in one wave).
+#define LUT3_FUSED(NAME, BOUNDS, MT)                                                                           \
+  extern "C" __global__ void BOUNDS NAME##_m##MT(                                                              \
       const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,   \
       u32 off_lo, u32 off_hi, int hi0, int hi1, int lo0, int lo1, u16* y, int N, int I, u64* counter) {        \
     gemv<MT, true>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                      \
                    ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                           \
                    Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);                             \
-  }                                                                                                            \
+  }
+
+#define LUT3_GEMV(MT)                                                                                          \
+  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT)                                                            \
+  LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT)                                                                 \
   extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                           \
       const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {               \
     gemv<MT, false>(x, M, K, nullptr, nullptr, nullptr, nullptr, ptr_of<uint4>(raw_lo, raw_hi),               \
