@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import machine  # noqa: E402  (bench/machine.py, next to this script)
 import torch  # noqa: E402
 
+from harness.checks import default_callbacks  # noqa: E402
 from harness.codecs import make_codec  # noqa: E402
 from harness.models import load_model  # noqa: E402
-from harness.runner import callbacks as cb  # noqa: E402
 from harness.runner.module import GenerationModule  # noqa: E402
 from harness.runner.paired import rounds_warmup, run_rounds  # noqa: E402
 from harness.runner.phase import compare, run_phase  # noqa: E402
@@ -39,7 +40,7 @@ PROTOTYPE_SHARE = 20 / 155  # the prototype compressed 20 of SmolLM2's 155 eligi
 
 
 def callbacks():
-    return [cb.ForwardPassCounter(), cb.GenerationTimer(), cb.CachePolicyBoundaries(), cb.PhaseMemory()]
+    return default_callbacks()  # the run's own list (conf/callbacks/default.yaml)
 
 
 def prompts(batch: int) -> list[str]:
@@ -54,53 +55,64 @@ def build(shape: str):
     return loaded, time.perf_counter() - t
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One compressed arm: a codec (with its own options only), a cache policy and its options, where the bytes
+    live, and how many of the eligible layers (a share)."""
+
+    codec: str
+    policy: str
+    options: dict = field(default_factory=dict)  # a "depth" of None: as many as are compressed (prefetch them all)
+    placement: str = "cpu"
+    share: float = 1.0
+    threads: int = 1  # zstd / zipnn decode threads
+    level: int = 3  # zstd level
+    embeddings: bool = False  # also compress the (untied) embedding table
+    slow: bool = False  # measured over --slow-tokens (CPU decode per token: minutes otherwise)
+
+
+P = PROTOTYPE_SHARE
 VARIANTS = {
-    # name: (codec, policy, policy options, placement, share of eligible layers, codec threads)
-    # a "depth" of None means: as many layers as are compressed (prefetch them all during the dense part)
-    "prototype (zstd cpu, per_forward_pass)": ("zstd", "per_forward_pass", {}, "cpu", PROTOTYPE_SHARE, 1),
-    "zstd_grouped cpu x16 threads, prefetch": ("zstd_grouped", "prefetch", {"depth": 4}, "cpu", PROTOTYPE_SHARE, 16),
-    "zstd_grouped L1 cpu x4 threads, prefetch all x4 workers": (
-        "zstd_grouped", "prefetch", {"depth": None, "workers": 4}, "cpu", PROTOTYPE_SHARE, 4),
-    "nvcomp cpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
-    "nvcomp gpu-placed, none": ("nvcomp_ans", "none", {}, "gpu", 1.0, 1),
-    "nvcomp gpu-placed, prefetch": ("nvcomp_ans", "prefetch", {"depth": 2}, "gpu", 1.0, 1),
-    "nvcomp gpu-placed, block (batched)": ("nvcomp_ans", "block", {}, "gpu", 1.0, 1),
-    "nvcomp cpu-placed, block": ("nvcomp_ans", "block", {}, "cpu", 1.0, 1),
-    "nvcomp gpu-placed, block ahead (double-buffered)": ("nvcomp_ans", "block", {"ahead": 1}, "gpu", 1.0, 1),
-    "nvcomp cpu-placed, block ahead (double-buffered)": ("nvcomp_ans", "block", {"ahead": 1}, "cpu", 1.0, 1),
+    "prototype (zstd cpu, per_forward_pass)": Variant("zstd", "per_forward_pass", share=P, slow=True),
+    "zstd_grouped cpu x16 threads, prefetch": Variant("zstd_grouped", "prefetch", {"depth": 4}, share=P, threads=16, slow=True),
+    "zstd_grouped L1 cpu x4 threads, prefetch all x4 workers": Variant(
+        "zstd_grouped", "prefetch", {"depth": None, "workers": 4}, share=P, threads=4, level=1, slow=True),
+    "nvcomp cpu-placed, prefetch": Variant("nvcomp_ans", "prefetch", {"depth": 4}),
+    "nvcomp gpu-placed, none": Variant("nvcomp_ans", "none", placement="gpu"),
+    "nvcomp gpu-placed, prefetch": Variant("nvcomp_ans", "prefetch", {"depth": 2}, placement="gpu"),
+    "nvcomp gpu-placed, block (batched)": Variant("nvcomp_ans", "block", placement="gpu"),
+    "nvcomp cpu-placed, block": Variant("nvcomp_ans", "block"),
+    "nvcomp gpu-placed, block ahead (double-buffered)": Variant("nvcomp_ans", "block", {"ahead": 1}, placement="gpu"),
+    "nvcomp cpu-placed, block ahead (double-buffered)": Variant("nvcomp_ans", "block", {"ahead": 1}),
     # nvCOMP's batched C API with prebuilt pointer tables (harness/codecs/nvcomp_batched.py)
-    "ans-batched gpu-placed, none": ("nvcomp_ans_batched", "none", {}, "gpu", 1.0, 1),
-    "ans-batched gpu-placed, block": ("nvcomp_ans_batched", "block", {}, "gpu", 1.0, 1),
-    "ans-batched gpu-placed, block ahead": ("nvcomp_ans_batched", "block", {"ahead": 1}, "gpu", 1.0, 1),
-    "ans-batched cpu-placed, block": ("nvcomp_ans_batched", "block", {}, "cpu", 1.0, 1),
-    "ans-batched cpu-placed, block ahead": ("nvcomp_ans_batched", "block", {"ahead": 1}, "cpu", 1.0, 1),
-    "ans-batched cpu-placed, prefetch": ("nvcomp_ans_batched", "prefetch", {"depth": 4}, "cpu", 1.0, 1),
-    "ans-batched gpu-placed, block + embeddings": ("nvcomp_ans_batched", "block", {}, "gpu", 1.0, 1),
-    "ans-batched gpu-placed, block ahead + embeddings": ("nvcomp_ans_batched", "block", {"ahead": 1}, "gpu", 1.0, 1),
-    "zstd_grouped L1 cpu x2 threads, prefetch all x8 workers": (
-        "zstd_grouped", "prefetch", {"depth": None, "workers": 8}, "cpu", PROTOTYPE_SHARE, 2),
+    "ans-batched gpu-placed, none": Variant("nvcomp_ans_batched", "none", placement="gpu"),
+    "ans-batched gpu-placed, block": Variant("nvcomp_ans_batched", "block", placement="gpu"),
+    "ans-batched gpu-placed, block ahead": Variant("nvcomp_ans_batched", "block", {"ahead": 1}, placement="gpu"),
+    "ans-batched cpu-placed, block": Variant("nvcomp_ans_batched", "block"),
+    "ans-batched cpu-placed, block ahead": Variant("nvcomp_ans_batched", "block", {"ahead": 1}),
+    "ans-batched cpu-placed, prefetch": Variant("nvcomp_ans_batched", "prefetch", {"depth": 4}),
+    "ans-batched gpu-placed, block + embeddings": Variant("nvcomp_ans_batched", "block", placement="gpu", embeddings=True),
+    "ans-batched gpu-placed, block ahead + embeddings": Variant(
+        "nvcomp_ans_batched", "block", {"ahead": 1}, placement="gpu", embeddings=True),
+    "zstd_grouped L1 cpu x2 threads, prefetch all x8 workers": Variant(
+        "zstd_grouped", "prefetch", {"depth": None, "workers": 8}, share=P, threads=2, level=1, slow=True),
 }
-EMBEDDINGS = ("+ embeddings",)  # variants that also compress the (untied) embedding table
-LEVEL = {"zstd_grouped L1 cpu x4 threads, prefetch all x4 workers": 1,
-         "zstd_grouped L1 cpu x2 threads, prefetch all x8 workers": 1}  # default 3
-SLOW = ("prototype", "zstd")  # variants measured over --slow-tokens (CPU decode per token: minutes otherwise)
 
 
 def make_runtime(model, variant: str, eligible: int):
-    codec, policy, opts, placement, share, threads = VARIANTS[variant]
-    n = max(1, round(share * eligible))
-    opts = {k: (n if v is None else v) for k, v in opts.items()}
+    v = VARIANTS[variant]
+    n = max(1, round(v.share * eligible))
+    opts = {k: (n if val is None else val) for k, val in v.options.items()}
     # Each codec takes only its own options: level and threads are zstd's (zipnn: threads), GPU codecs take neither.
-    kw = {"level": LEVEL.get(variant, 3), "threads": threads} if codec.startswith("zstd") else {}
-    kw = {"threads": threads} if codec == "zipnn" else kw
-    rt = compress_model(model, make_codec(codec, **kw), policy=policy,
-                        policy_options=opts, attach=False, placement=placement, layers=n, progress=False,
-                        embeddings=variant.endswith(EMBEDDINGS))
+    kw = {"level": v.level, "threads": v.threads} if v.codec.startswith("zstd") else {}
+    kw = {"threads": v.threads} if v.codec == "zipnn" else kw
+    rt = compress_model(model, make_codec(v.codec, **kw), policy=v.policy, policy_options=opts, attach=False,
+                        placement=v.placement, layers=n, progress=False, embeddings=v.embeddings)  # fmt: skip
     return rt, n
 
 
 def tokens_for(variant: str, args) -> int:
-    return args.slow_tokens if variant.startswith(SLOW) and args.slow_tokens else args.tokens
+    return args.slow_tokens if VARIANTS[variant].slow and args.slow_tokens else args.tokens
 
 
 def measure(module, batch, args, name):

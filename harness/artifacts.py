@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from harness.atomic import atomic_path
 from harness.codecs.base import Codec, CompressedTensor, checksum, dtype_name
 from harness.runtime.runtime import CompressedRuntime, compress_model
 from harness.selection import Selection, select_layers
@@ -124,7 +124,6 @@ class ArtifactCache:
     def store(self, key: ArtifactKey, layers: Mapping[str, CompressedTensor]) -> Path | None:
         """Write the artifact atomically; None if it could not be written (the run goes on without it)."""
         path = self.path(key)
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._remove_orphans(path)
@@ -137,19 +136,13 @@ class ArtifactCache:
                 },
             }
             text = json.dumps(info, sort_keys=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            save_file(tensors, tmp, metadata={META_KEY: f"{xxhash.xxh3_64_hexdigest(text.encode())} {text}"})
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-            os.replace(tmp, path)  # atomic; a concurrent writer of the same key installs identical content
-            tmp = None
+            # atomic; a concurrent writer of the same key installs identical content
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={META_KEY: f"{xxhash.xxh3_64_hexdigest(text.encode())} {text}"})
             return path
         except (OSError, SafetensorError) as e:
             log.warning("artifact cache: could not write %s (%s); continuing without it", path, e)
             return None
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
     @staticmethod
     def _remove_orphans(path: Path) -> None:

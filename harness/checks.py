@@ -9,6 +9,7 @@ policy on an empty runtime, callbacks), so those checks run early without being 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -29,17 +30,14 @@ from harness.runtime import CAPTURED_POLICIES, POLICIES
 from harness.runtime.fused import check_setup as check_fused
 from harness.runtime.fused import refuse_transposed
 from harness.runtime.policies import LRU
-from harness.runtime.runtime import VERIFY_MODES, CompressedRuntime, check_placement
-from harness.selection import ORDERS, Selection, parse_count, select_layers
+from harness.runtime.runtime import CompressedRuntime, check_placement
+from harness.selection import Selection, check_order, parse_count, select_layers
 
 
 def validate(cfg: DictConfig) -> None:
     """Check what can be checked before the model loads: a typo must not cost a model load."""
     parse_count(cfg.compress.layers)
-    if cfg.compress.order not in ORDERS:
-        raise HarnessError(f"compress.order={cfg.compress.order!r} is invalid; valid: {', '.join(ORDERS)}")
-    if cfg.compress.verify not in VERIFY_MODES:
-        raise HarnessError(f"compress.verify={cfg.compress.verify!r} is invalid; valid: {', '.join(VERIFY_MODES)}")
+    check_order(cfg.compress.order)
     if not isinstance(cfg.compress.get("embeddings", False), bool):
         raise HarnessError(f"compress.embeddings={cfg.compress.embeddings!r} is invalid; use true or false")
     device = resolve_device(cfg.device)  # first: device=cuda without CUDA is the error to see, not its consequences
@@ -51,9 +49,9 @@ def validate(cfg: DictConfig) -> None:
     if codec.decode_device == "cuda" and device.type != "cuda":
         raise HarnessError(f"compress.codec={codec.name} decodes on the GPU but device={cfg.device}; use device=cuda")
     compile_ = validate_compile(cfg, codec)
-    # The policy's own checks (an unknown name, cache.depth=0, an option it does not take; compiled: cache.ahead=1,
-    # verify=always), on a runtime with no layers: otherwise they would only run when the compressed phase
-    # starts, after the model load and the baseline.
+    # compress.verify (the runtime's constructor) and the policy's own checks (an unknown name, cache.depth=0, an
+    # option it does not take; compiled: cache.ahead=1, verify=always), on a runtime with no layers: otherwise they
+    # would only run when the compressed phase starts, after the model load and the baseline.
     empty = CompressedRuntime(codec, verify=cfg.compress.verify)
     try:
         empty.set_policy(policy, captured=compile_)
@@ -139,6 +137,15 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
         if not any(isinstance(c, cls) for c in callbacks):
             raise HarnessError(f"callbacks: the phase needs a {cls.__name__} ({what}); only optional callbacks can be null")
     return callbacks
+
+
+CALLBACKS_CONFIG = Path(__file__).with_name("conf") / "callbacks" / "default.yaml"
+
+
+def default_callbacks() -> list[L.Callback]:
+    """The phase callbacks a run gets (conf/callbacks/default.yaml), for code that runs phases without composing a
+    config (the benches): the one list, not a copy of it."""
+    return make_callbacks(OmegaConf.create({"callbacks": OmegaConf.load(CALLBACKS_CONFIG)}))
 
 
 def check_loaded(cfg: DictConfig, model) -> Selection:

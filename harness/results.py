@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.atomic import write_atomic
-from harness.schema import FIELDS, SIDES, Field, memory_kind, written
+from harness.schema import FIELDS, SCHEMA_VERSION, SIDES, Field, memory_kind, written
 
 
 def _clean(obj: Any) -> Any:
@@ -28,7 +28,8 @@ class ResultsFile:
 
     def __init__(self, path: Path, config: dict[str, Any], overrides: list[str]) -> None:
         self.path = Path(path)
-        self.data: dict[str, Any] = {"status": "running", "error": None, "config": config, "overrides": overrides}
+        self.data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "status": "running", "error": None,
+                                     "config": config, "overrides": overrides}
         self.write()
 
     def update(self, **sections: Any) -> None:

@@ -213,8 +213,14 @@ FIELDS: list[Field] = [
        line=lambda r: r["fidelity"]["verdict"], column="fidelity", header="fidelity"),
 ]
 
+# results.json's layout version: a change that renames or removes a key, or changes a unit, increments it (adding a
+# field does not), so that readers of older files can tell.
+SCHEMA_VERSION = 1
+
 # results.json's top-level keys; the sections FIELDS details are listed field by field below them in README.
 SECTIONS: list[tuple[str, str]] = [
+    ("`schema_version`", f"this layout's version ({SCHEMA_VERSION}): renaming or removing a key, or changing a unit, "
+     "increments it; adding a field does not"),
     ("`status`, `error`", "`running` → `completed` or `failed`; `error` is the one-line reason (else null)"),
     ("`config`, `overrides`", "the resolved config and the command-line overrides"),
     ("`device`", "the device the run used"),

@@ -15,7 +15,7 @@ from harness.errors import HarnessError
 ORDERS = ("first", "last", "largest")
 
 
-def _conv1d_type() -> type | None:
+def conv1d_type() -> type | None:
     try:  # the GPT-2 family's transposed linear layer
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers always has it today
@@ -24,7 +24,7 @@ def _conv1d_type() -> type | None:
 
 
 def is_weight_linear(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
@@ -95,6 +95,12 @@ def _refused(refuse: Callable[[tuple[int, ...], torch.dtype], str | None] | None
     return refuse(tuple(weight.shape), weight.dtype) if refuse is not None else None
 
 
+def check_order(order: str) -> None:
+    """compress.order, checked (before the model loads, and again by select_layers for direct callers)."""
+    if order not in ORDERS:
+        raise HarnessError(f"compress.order={order!r} is invalid; valid: {', '.join(ORDERS)}")
+
+
 def select_layers(
     model: nn.Module,
     layers: int | str = "all",
@@ -108,8 +114,7 @@ def select_layers(
     table is not shared with another module (a tied input embedding is skipped with the reason). Embeddings do
     not take places in the count; they add to both X and Y of "X/Y". `refuse` (the codec's `Codec.refuse`) says
     why a weight cannot be stored: such a layer is skipped with that reason before counting, as a tied one is."""
-    if order not in ORDERS:
-        raise HarnessError(f"compress.order={order!r} is invalid; valid: {', '.join(ORDERS)}")
+    check_order(order)
     count = parse_count(layers)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
 

@@ -89,12 +89,17 @@ def _write_report(sweep_dir: Path) -> None:
     log.info("sweep report: %s", paths["html"])
 
 
-def _sweep_dir(config: DictConfig, job_dir: Path) -> Path:
-    """The job dir minus hydra.sweep.subdir: exact even where hydra.sweep.dir holds ${now:...} and the job runs
-    in another process than the one that created the sweep dir."""
-    for _ in Path(str(config.hydra.sweep.subdir)).parts:
+def sweep_dir_of(job_dir: Path | str, subdir: str) -> Path:
+    """The job dir minus hydra.sweep.subdir, not hydra.sweep.dir: exact even where hydra.sweep.dir holds
+    ${now:...} and the job runs in another process (joblib, submitit) than the one that created the sweep dir."""
+    job_dir = Path(str(job_dir))
+    for _ in Path(str(subdir)).parts:
         job_dir = job_dir.parent
     return job_dir
+
+
+def _sweep_dir(config: DictConfig, job_dir: Path) -> Path:
+    return sweep_dir_of(job_dir, config.hydra.sweep.subdir)
 
 
 def _one_line(e: BaseException | Any) -> str:

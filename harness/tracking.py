@@ -120,11 +120,9 @@ def hydra_sweep_info() -> SweepInfo | None:
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return None
-        # The job dir minus hydra.sweep.subdir, not hydra.sweep.dir: with ${now:...} in it, a job run in another
-        # process (joblib, submitit) would resolve another time.
-        sweep_dir = Path(str(hc.runtime.output_dir))
-        for _ in Path(str(hc.sweep.subdir)).parts:
-            sweep_dir = sweep_dir.parent
+        from harness.sweep_callback import sweep_dir_of
+
+        sweep_dir = sweep_dir_of(hc.runtime.output_dir, hc.sweep.subdir)
         num = hc.job.get("num")
         return SweepInfo(sweep_dir, int(num) if num is not None else None, _swept_keys(sweep_dir))
     except Exception as e:  # never fail a job over naming its W&B run

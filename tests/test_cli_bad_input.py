@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import assert_refused
 
 from harness.__main__ import unknown_group_option
@@ -21,12 +22,22 @@ BAD_INPUT = {
                      "gguf_file 'missing.gguf' not found"),
     "unknown_lm_eval_task": (["eval=fidelity", "eval.tasks=[nope]"], "unknown lm-eval task 'nope'"),
     "missing_required_value": (["model=hf"], "model.name_or_path is required"),
+    "too_many_layers": (["compress.layers=999"], "use at most 15"),
+    "misspelt_codec": (["compress.codec=zstd_grouppd"], "Did you mean 'zstd_grouped'"),
+    "zero_budget": (["cache=lru", "cache.budget_mb=0"], "cache.budget_mb=0 is invalid"),
+    "cuda_without_cuda": (["device=cuda"], "torch.cuda.is_available() is False"),
+    "embeddings_not_a_bool": (["compress.embeddings=maybe"], "compress.embeddings='maybe' is invalid"),
+    "include_matches_nothing": (["compress.include=mlpp"], "compress.include='mlpp' matches no layer"),  # after the load
+    "required_callback_off": (["callbacks.timer=null"], "the phase needs a GenerationTimer"),
+    "zero_rounds": (["generate.rounds=0"], "generate.rounds=0 is invalid"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_on_the_command_line_is_one_line_and_exit_2(harness_cli, tmp_path, case):
     overrides, message = BAD_INPUT[case]
+    if case == "cuda_without_cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
     overrides = [o.format(tmp=tmp_path) for o in overrides]
     model = [] if "model=hf" in overrides else ["model=tiny"]
     run_dir = tmp_path / "run"
@@ -38,7 +49,7 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(harness_cli, tmp_p
         assert not (run_dir / "results.json").exists()
     else:
         res = json.loads((run_dir / "results.json").read_text())
-        assert res["status"] == "failed" and message in res["error"]
+        assert res["status"] == "failed" and message in res["error"] and "baseline" not in res
 
 
 def test_hydra_full_error_shows_the_traceback(harness_cli, tmp_path):

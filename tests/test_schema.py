@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from unittest.mock import MagicMock
 
@@ -29,6 +30,14 @@ def test_readme_results_tables_are_the_schemas():
     text = README.read_text(encoding="utf-8")
     assert schema.README_START in text and schema.README_END in text
     assert text == schema.with_readme_table(text), "README is out of date: run `python -m harness.schema`"
+
+
+def test_results_file_records_its_schema_version(tmp_path):
+    from harness.results import ResultsFile
+
+    ResultsFile(tmp_path / "results.json", {"model": {}}, [])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["schema_version"] == schema.SCHEMA_VERSION and list(data)[0] == "schema_version"
 
 
 def test_paths_are_unique_and_every_field_is_described():

@@ -12,6 +12,7 @@ an embedding lookup can decode only the chunks holding its rows.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -91,14 +92,19 @@ def row_aligned_chunk_bytes(shape: tuple[int, ...], element_size: int, target: i
     return row * (target // row)
 
 
+# id(ct) -> its parsed layout, dropped with the tensor: the codecs' state, kept here rather than on the tensor
+_LAYOUTS: dict[int, Layout] = {}
+
+
 def layout_of(ct: CompressedTensor) -> Layout:
     """The chunk layout of a CompressedTensor's payload, parsed once per object."""
-    layout = getattr(ct, "_nvans_layout", None)
+    layout = _LAYOUTS.get(id(ct))
     if layout is None:
         layout = parse_header(ct.payload)
         if layout.nbytes != ct.original_nbytes:
             raise ValueError(f"payload holds {layout.nbytes} bytes, the tensor {ct.original_nbytes}")
-        ct._nvans_layout = layout
+        _LAYOUTS[id(ct)] = layout
+        weakref.finalize(ct, _LAYOUTS.pop, id(ct), None)
     return layout
 
 

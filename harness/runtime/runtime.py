@@ -24,7 +24,7 @@ from harness.runtime.embedding import CompressedEmbedding
 from harness.runtime.layer import CompressedLinear
 from harness.runtime.policy import CachePolicy, make_policy
 from harness.runtime.stats import Stats
-from harness.selection import Selection, select_layers
+from harness.selection import Selection, conv1d_type, select_layers
 
 VERIFY_MODES = ("first", "always", "never")
 
@@ -305,11 +305,7 @@ def compress_model(
         selection = select_layers(model, refuse=codec.refuse, **select_kwargs)
     device = next((cand.module.weight.device for cand in selection.chosen), torch.device("cpu"))
     runtime = CompressedRuntime(codec, verify=verify, device=device)
-    conv1d = type(None)
-    try:
-        from transformers.pytorch_utils import Conv1D as conv1d
-    except ImportError:  # pragma: no cover
-        pass
+    conv1d = conv1d_type() or type(None)
 
     original = compressed = 0
     start = time.perf_counter()
