@@ -45,8 +45,8 @@ from harness.codecs import make_codec  # noqa: E402
 from harness.generation import greedy_generate  # noqa: E402
 from harness.measure import model_weight_bytes  # noqa: E402
 from harness.models import load_model  # noqa: E402
+from harness.phases.compiled import compile_details, reset_compile_counters  # noqa: E402
 from harness.rounds import alternate, paired_speed_ratio, quartiles, timed  # noqa: E402
-from harness.runner.compiled import compile_details, reset_compile_counters  # noqa: E402
 from harness.runtime import CompressedEmbedding, CompressedLinear, compress_model  # noqa: E402
 from harness.runtime.captured import OpaqueEmbedding  # noqa: E402
 from harness.selection import select_layers  # noqa: E402

@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from harness.checks import default_callbacks  # noqa: E402
 from harness.codecs import make_codec  # noqa: E402
 from harness.models import load_model  # noqa: E402
-from harness.runner.module import GenerationModule  # noqa: E402
-from harness.runner.paired import rounds_warmup, run_rounds  # noqa: E402
-from harness.runner.phase import compare, run_phase  # noqa: E402
+from harness.phases.module import GenerationModule  # noqa: E402
+from harness.phases.paired import rounds_warmup, run_rounds  # noqa: E402
+from harness.phases.phase import compare, run_phase  # noqa: E402
 from harness.runtime import compress_model  # noqa: E402
 from harness.selection import select_layers  # noqa: E402
 
@@ -138,7 +138,7 @@ def row_of(shape, batch, variant, res, base, extra):
 
 def interleaved(args) -> None:
     """A/B with the host's drift paired out: a dense model and one compressed model per arm side by side on the
-    GPU, alternated through harness.runner.paired.run_rounds (the code `python -m harness` runs): a warm-up
+    GPU, alternated through harness.phases.paired.run_rounds (the code `python -m harness` runs): a warm-up
     round, then --rounds rounds of one generation per arm, the order rotated per round; each arm's speed is the
     median of its per-round ratios to the baseline, with their quartiles."""
     dense, _ = build(args.shape)

@@ -22,14 +22,14 @@ Arms (rows), each its own model object, all resident on the card at once; random
                     to the GPU per block in its pre-hook, decoded, dropped
     ours_cpu        nvcomp_ans_batched + cache=block ahead=1, bytes in pinned host memory (compress.placement=cpu)
   compiled  (--tokens, --rounds) against `dense_compiled` (generate.compile=true: static cache, transformers
-            compiles the decode step, CUDA graphs; harness/runner/compiled.py)
+            compiles the decode step, CUDA graphs; harness/phases/compiled.py)
     dense_compiled, ours_compiled (the capturable block policy over ours' bytes)
     df11_compiled   never run: the row says why
 The group's reference always runs when any arm of the group does. --arms picks arms, --skip drops some.
 
-Method, per group and batch: every arm first runs one generation through harness.runner.phase.run_phase (compiled:
+Method, per group and batch: every arm first runs one generation through harness.phases.phase.run_phase (compiled:
 2 warm-ups first), which gives exactness (token ids and every logit torch.equal to the reference's) and memory;
-then the group's arms alternate in paired rounds (harness.runner.paired.run_rounds: each round one generation of
+then the group's arms alternate in paired rounds (harness.phases.paired.run_rounds: each round one generation of
 every arm, the order rotated); "x ref" is the median of the per-round ratios with its IQR. A failure is a row
 (error + traceback) and the other arms go on; if a group's rounds fail, they are rerun as (reference, arm) pairs.
 Rows go to --out as JSON lines as they are measured; a markdown table is printed last (and written to <out>.md).
@@ -91,10 +91,10 @@ from df11_gpu import BLOCK_LINEARS, PATTERN, df11_file, import_dfloat11  # noqa:
 from harness.codecs import make_codec  # noqa: E402
 from harness.measure import sync  # noqa: E402
 from harness.models import TINY_ARCH, load_model  # noqa: E402
-from harness.runner.compiled import release_compiled  # noqa: E402
-from harness.runner.module import GenerationModule  # noqa: E402
-from harness.runner.paired import run_rounds  # noqa: E402
-from harness.runner.phase import run_phase  # noqa: E402
+from harness.phases.compiled import release_compiled  # noqa: E402
+from harness.phases.module import GenerationModule  # noqa: E402
+from harness.phases.paired import run_rounds  # noqa: E402
+from harness.phases.phase import run_phase  # noqa: E402
 from harness.runtime import CompressedEmbedding, CompressedLinear, compress_model  # noqa: E402
 from harness.selection import select_layers  # noqa: E402
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from harness.atomic import atomic_path
 from harness.codecs.base import Codec, CompressedTensor, checksum, dtype_name
-from harness.runtime.runtime import CompressedRuntime, compress_model
+from harness.runtime.compress import CompressedRuntime, compress_model
 from harness.selection import Selection, select_layers
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ from harness.components import build_codec, policy_factory
 from harness.errors import HarnessError
 from harness.fidelity import bundled_tasks
 from harness.models import parse_dtype, resolve_device
-from harness.runner.callbacks import REQUIRED
+from harness.phases.callbacks import REQUIRED
 from harness.runtime import CAPTURED_POLICIES, POLICIES
+from harness.runtime.compress import CompressedRuntime, check_placement
 from harness.runtime.fused import check_setup as check_fused
 from harness.runtime.fused import refuse_transposed
 from harness.runtime.policies import LRU
-from harness.runtime.runtime import CompressedRuntime, check_placement
 from harness.selection import Selection, check_order, parse_count, select_layers
 
 

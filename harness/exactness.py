@@ -17,8 +17,8 @@ import torch
 from harness.generation import Generation, greedy_generate
 
 if TYPE_CHECKING:
-    from harness.runner.module import GenerationModule
-    from harness.runtime.runtime import CompressedRuntime
+    from harness.phases.module import GenerationModule
+    from harness.runtime.compress import CompressedRuntime
 
 
 def token_agreement(baseline: list[list[int]], compressed: list[list[int]]) -> float | None:
@@ -47,7 +47,7 @@ def exactness_reference(
         out = greedy_generate(module.model, module.tokenizer, prompts, module.max_new_tokens, module.min_new_tokens,
                               device=runtime.device, compile=module.compile)  # fmt: skip
     if module.compile:  # the reference's graphs hold its inputs: nothing compiled runs after this
-        from harness.runner.compiled import release_compiled
+        from harness.phases.compiled import release_compiled
 
         release_compiled(module.model)
     return out.logits.shape == compressed.logits.shape and torch.equal(out.logits, compressed.logits)

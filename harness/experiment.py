@@ -20,11 +20,11 @@ from harness.exactness import exactness_reference
 from harness.fidelity import compare as compare_fidelity
 from harness.fidelity import per_sample_table
 from harness.models import load_model, resolve_device
+from harness.phases.compiled import release_compiled
+from harness.phases.module import GenerationModule
+from harness.phases.paired import SAME_MODEL, TWO_MODELS, PairedRounds, dense_twin, rounds_warmup, run_rounds
+from harness.phases.phase import compare, run_phase
 from harness.results import ResultsFile, summary_table
-from harness.runner.compiled import release_compiled
-from harness.runner.module import GenerationModule
-from harness.runner.paired import SAME_MODEL, TWO_MODELS, PairedRounds, dense_twin, rounds_warmup, run_rounds
-from harness.runner.phase import compare, run_phase
 from harness.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def one_line(e: BaseException) -> str:
 
 
 def paired_rounds(cfg: DictConfig, loaded, module: GenerationModule, runtime, callbacks) -> PairedRounds:
-    """Baseline and compressed alternated, generate.rounds timed rounds (harness.runner.paired: the dense twin)."""
+    """Baseline and compressed alternated, generate.rounds timed rounds (harness.phases.paired: the dense twin)."""
     twin = dense_twin(loaded.model, runtime)
     mechanism = SAME_MODEL if twin is loaded.model else TWO_MODELS
     # Its own GenerationModule even over the same model: each side keeps its own record of what it measured.

@@ -4,7 +4,7 @@
 The printed summary (harness.results), the sweep report's columns (harness.report: comparison.csv/.md, the
 dashboard), the W&B report's panels (harness.report.wandb_workspace) and README's results.json table
 (`python -m harness.schema`) all derive from FIELDS. Adding a field is one entry here (the code that measures it
-writes it into results.json under `path`) plus its test. The producers (runner/phase.py, CompressionReport,
+writes it into results.json under `path`) plus its test. The producers (phases/phase.py, CompressionReport,
 Stats.snapshot, compare) still build their own dicts: the schema describes their keys, and tests fail when a
 produced key is missing here (undeclared(): tests/test_schema.py for the producers, tests/test_rounds.py for a
 whole run).
@@ -103,7 +103,7 @@ def lookup(results: Any, path: str) -> Any:
 S3 = num(".3f", " s")
 _F = Field
 FIELDS: list[Field] = [
-    # -- each phase ({side}: baseline, compressed; harness/runner/phase.py) --
+    # -- each phase ({side}: baseline, compressed; harness/phases/phase.py) --
     _F("{side}/compile", "", "what torch.compile did: `cudagraphs`, `inductor`, or false (eager)",
        "compiled", lambda v: str(v) if v else "no", when=compiled),
     _F("{side}/compile_details", "", "torch.compile's counters (compiled runs only)"),
@@ -159,7 +159,7 @@ FIELDS: list[Field] = [
     _F("compressed/in_kernel_decodes_per_layer", "decodes", "in-kernel decodes of each compressed layer"),
     _F("compressed/in_kernel_tiles", "tiles", "16-row tiles the fused kernel decoded", "tiles decoded in-kernel",
        num(","), when=in_kernel),
-    # -- the compression report (harness/runtime/runtime.py CompressionReport) --
+    # -- the compression report (harness/runtime/compress.py CompressionReport) --
     _F("compressed/layers_compressed", "layers", "layers stored compressed", "layers compressed",
        line=lambda r: f"{compressed_of(r)['layers_compressed']}/{compressed_of(r)['layers_total']}", column="layers_compressed",
        panel="layers compressed"),
@@ -175,7 +175,7 @@ FIELDS: list[Field] = [
     _F("compressed/artifact_cache_hit", "", "the compressed layers came from the artifact cache (null: no cache)"),
     _F("compressed/artifact_path", "", "the artifact cache file"),
     _F("compressed/artifact_time_s", "s", "hashing the weights + reading or writing the artifact"),
-    # -- compressed against baseline (harness/runner/phase.py compare, runtime.lossless, exactness.py) --
+    # -- compressed against baseline (harness/phases/phase.py compare, runtime.lossless, exactness.py) --
     _F("comparison/speed_ratio", "x", "median over the paired rounds of baseline time / compressed time",
        "speed ratio (base/comp)", line=lambda r: speed_ratio_text(comparison_of(r), r.get("rounds")),
        column="speed_ratio", header="speed ratio [IQR]", row_cell=speed_cell),

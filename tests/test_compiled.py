@@ -11,7 +11,7 @@ from harness.codecs import make_codec
 from harness.errors import HarnessError
 from harness.generation import greedy_generate
 from harness.models import tiny_llama
-from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
+from harness.phases.compiled import compile_mode, release_compiled, reset_compile_counters
 from harness.runtime import CAPTURED_POLICIES, compress_model
 from harness.runtime.captured import OpaqueEmbedding
 

@@ -16,8 +16,8 @@ from harness.codecs import make_codec
 from harness.errors import HarnessError
 from harness.exactness import exactness_reference, token_agreement
 from harness.generation import greedy_generate
-from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
-from harness.runner.module import GenerationModule
+from harness.phases.compiled import compile_mode, release_compiled, reset_compile_counters
+from harness.phases.module import GenerationModule
 from harness.runtime import compress_model
 from harness.runtime.fused import check_setup
 from harness.runtime.stats import Stats

@@ -251,7 +251,7 @@ def test_compressed_embedding_rows_decode_bit_exact_on_cuda(policy, options):
 def test_compiled_capturable_decode_replays_bit_exact_on_cuda(policy):
     """generate.compile=true on CUDA: nvCOMP's decode captured in the CUDA graphs of transformers' compiled step;
     bit-exact with the compiled dense model, exact counts from the device counters, really graph-replayed."""
-    from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
+    from harness.phases.compiled import compile_mode, release_compiled, reset_compile_counters
 
     loaded = tiny_llama(seed=0, device="cuda")
     prompts, n = ["The capital of France is"], 6
@@ -291,9 +291,10 @@ def _fused(loaded, captured=False):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
-@pytest.mark.parametrize("shape", [(16, 64), (259, 64), (4096, 4096), (1000, 14336)])
+@pytest.mark.parametrize("shape", [(16, 64), (259, 64), (4096, 4096), (1000, 14336), (40, 320)])
 def test_lut3_decode_gpu_is_bit_exact(shape):
-    """The kernel's decode written out equals W bit for bit; the GPU encoder writes the CPU encoder's bytes."""
+    """Each decode kernel's output equals W bit for bit; the GPU encoder writes the CPU encoder's bytes. (40, 320):
+    a partial last tile and a last chunk of one iteration in lut3_decode_rows (5 iterations, chunks of 4)."""
     from harness.fused import lut3_cuda
 
     g = torch.Generator().manual_seed(shape[0])
@@ -301,7 +302,9 @@ def test_lut3_decode_gpu_is_bit_exact(shape):
     codec = make_codec("fused_lut3")
     ct_cpu, ct_gpu = codec.encode(w), codec.encode(w.cuda())
     assert ct_gpu.payload.is_cuda and torch.equal(ct_gpu.payload.cpu(), ct_cpu.payload) and ct_gpu.meta == ct_cpu.meta
-    assert torch.equal(lut3_cuda.decode_gpu(codec.packed(ct_gpu)).cpu().view(torch.int16), w.view(torch.int16))
+    for kernel in lut3_cuda.DECODE_KERNELS:
+        got = lut3_cuda.decode_gpu(codec.packed(ct_gpu), kernel=kernel)
+        assert torch.equal(got.cpu().view(torch.int16), w.view(torch.int16)), kernel
     assert torch.equal(codec.decode(ct_cpu).cpu().view(torch.int16), w.view(torch.int16))  # bytes in host memory
 
 
@@ -328,9 +331,14 @@ def test_every_fused_kernel_equals_the_reference_kernel(tokens):
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
 def test_lut3_decode_gpu_keeps_every_bit_pattern():
+    from harness.fused import lut3_cuda
+
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(512, 128)
     codec = make_codec("fused_lut3")
     assert torch.equal(codec.decode(codec.encode(every.cuda())).cpu().view(torch.int16), every.view(torch.int16))
+    p = codec.packed(codec.encode(every.cuda()))  # escape-dense: lanes past the window's 7, in both decode kernels
+    for kernel in lut3_cuda.DECODE_KERNELS:
+        assert torch.equal(lut3_cuda.decode_gpu(p, kernel=kernel).cpu().view(torch.int16), every.view(torch.int16))
 
 
 @pytest.mark.gpu
@@ -341,7 +349,7 @@ def test_fused_policy_equals_its_reference_with_exact_counts_on_cuda(arch, promp
     """Decode steps (<= 8 tokens) in the kernel, a longer prefill decoded + F.linear; logits torch.equal to the
     same kernel fed the uncompressed weights; counts exact per pass; close to dense (the kernel's arithmetic)."""
     from harness.exactness import exactness_reference
-    from harness.runner.module import GenerationModule
+    from harness.phases.module import GenerationModule
 
     loaded, n = _lut3_llama(arch), 6
     dense = greedy_generate(loaded.model, loaded.tokenizer, prompts, n, n)
@@ -385,8 +393,8 @@ def test_fused_compiled_replays_with_exact_counts_and_its_reference_on_cuda():
     """generate.compile=true: the op is captured in the CUDA graphs; counts exact from the device counters, logits
     torch.equal to the compiled reference run."""
     from harness.exactness import exactness_reference
-    from harness.runner.compiled import compile_mode, release_compiled, reset_compile_counters
-    from harness.runner.module import GenerationModule
+    from harness.phases.compiled import compile_mode, release_compiled, reset_compile_counters
+    from harness.phases.module import GenerationModule
 
     loaded, prompts, n = _lut3_llama("wide"), ["The capital of France is"], 6
     model, runtime = _fused(loaded, captured=True)

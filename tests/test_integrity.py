@@ -23,7 +23,7 @@ from harness.codecs import make_codec
 from harness.errors import IntegrityError
 from harness.generation import greedy_generate
 from harness.runtime import compress_model
-from harness.runtime.runtime import CompressedRuntime
+from harness.runtime.compress import CompressedRuntime
 from harness.selection import select_layers
 
 TRIALS = 150

@@ -15,13 +15,13 @@ from harness.codecs import make_codec
 from harness.errors import HarnessError
 from harness.experiment import run
 from harness.models import tiny_llama
+from harness.phases import callbacks as cb
+from harness.phases.module import GenerationModule
+from harness.phases.paired import SAME_MODEL, TWO_MODELS, dense_twin, rounds_warmup, run_rounds
 from harness.report.collect import job_row
 from harness.report.tables import to_markdown
 from harness.results import summary_table
 from harness.rounds import alternate, paired_speed_ratio, quartiles
-from harness.runner import callbacks as cb
-from harness.runner.module import GenerationModule
-from harness.runner.paired import SAME_MODEL, TWO_MODELS, dense_twin, rounds_warmup, run_rounds
 from harness.runtime import CompressedLinear, compress_model
 from harness.schema import undeclared
 from harness.tracking import _flat, rounds_table

@@ -18,7 +18,7 @@ from harness.report.collect import COLUMNS, collect, columns
 from harness.report.tables import to_csv, to_markdown
 from harness.report.wandb_workspace import build_panels
 from harness.results import summary_table
-from harness.runtime.runtime import CompressionReport
+from harness.runtime.compress import CompressionReport
 from harness.runtime.stats import Stats
 from harness.schema import FIELDS, Field, num
 from harness.tracking import wandb_summary

@@ -23,7 +23,7 @@ from harness.fused import lut3
 MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to decode + matmul
 _TEMPLATES = (1, 2, 4, 8)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
-_NAMES = [f"lut3_{v}_m{m}" for v in ("gemv", "gemv72", "ref") for m in _TEMPLATES] + ["lut3_decode"]
+_NAMES = [f"lut3_{v}_m{m}" for v in ("gemv", "gemv72", "ref") for m in _TEMPLATES] + ["lut3_decode", "lut3_decode_rows"]
 _NAMES += ["lut3_diag1_m1"]  # bench/lut3_kernel.py only: the escapes left undecoded, to time what they cost
 _kernels: dict | None = None
 # warps per tile by (tiles, iters, tokens), set by tune(); otherwise warps_per_tile's heuristic
@@ -197,14 +197,34 @@ def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | No
     return y
 
 
-def decode_gpu(p: lut3.Lut3) -> torch.Tensor:
-    """W as the kernel decodes it, written out row-major [N, K] by the kernel itself: must equal W bit for bit."""
+# The decode kernel decode_gpu launches: "lut3_decode" (one warp per tile, 4-byte writes) or "lut3_decode_rows" (a
+# candidate: a warp per DECODE_CHUNK iterations of a tile, whole rows written through shared memory).
+# CODECLLM_LUT3_DECODE picks one for an A/B run; bench/lut3_kernel.py times both.
+DECODE_KERNELS = ("lut3_decode", "lut3_decode_rows")
+DECODE_KERNEL = os.environ.get("CODECLLM_LUT3_DECODE", DECODE_KERNELS[0])
+if DECODE_KERNEL not in DECODE_KERNELS:
+    raise ValueError(f"CODECLLM_LUT3_DECODE={DECODE_KERNEL!r}: choose one of {', '.join(DECODE_KERNELS)}")
+DECODE_CHUNK = 4  # iterations per warp in lut3_decode_rows
+_DECODE_ROW_BYTES = 36 * 4  # lut3_kernel.cu's DECODE_ROW_WORDS: a staged row of 64 bf16, padded
+
+
+def decode_gpu(p: lut3.Lut3, out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+    """W as the kernel decodes it, written out row-major [N, K] by the kernel itself: must equal W bit for bit.
+    `out`: a bf16 [N, K] buffer to write into (else a new one); `kernel`: DECODE_KERNEL unless named."""
     n, k = p.shape
-    out = torch.empty(n * k // 2, dtype=torch.int32, device=p.device)
+    kernel = kernel or DECODE_KERNEL
+    out = torch.empty((n, k), dtype=torch.bfloat16, device=p.device) if out is None else out
+    if out.shape != (n, k) or out.dtype != torch.bfloat16 or not out.is_contiguous() or out.device != p.device:
+        raise ValueError(f"decode_gpu: out must be a contiguous bf16 [{n}, {k}] on {p.device}")
     per_block = 4
-    kernels()["lut3_decode"](grid=(-(-p.tiles // per_block), 1, 1), block=(32 * per_block, 1, 1),
-                             args=[*addresses(p), *p.lut_words(), out, n, k, p.tiles, p.iters])  # fmt: skip
-    return out.view(torch.bfloat16).view(n, k)
+    args = [*addresses(p), *p.lut_words(), out.view(torch.int32), n, k, p.tiles, p.iters]
+    if kernel == "lut3_decode":
+        kernels()[kernel](grid=(-(-p.tiles // per_block), 1, 1), block=(32 * per_block, 1, 1), args=args)
+    else:
+        warps = p.tiles * -(-p.iters // DECODE_CHUNK)
+        kernels()[kernel](grid=(-(-warps // per_block), 1, 1), block=(32 * per_block, 1, 1),
+                          args=[*args, DECODE_CHUNK], shared_mem=per_block * 16 * _DECODE_ROW_BYTES)  # fmt: skip
+    return out
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

@@ -1,5 +1,7 @@
 // y = x @ W.T with W in the lut3 format (harness/fused/lut3.py), decoded in registers and fed to tensor cores.
 // Compiled at run time by NVRTC (harness/fused/lut3_cuda.py); no headers, so it builds wherever torch has NVRTC.
+// (Past 300 lines: one kernel family (the GEMV, its exactness reference, its diagnostic twin, the decode) shares
+// the decode device functions, and NVRTC compiles one source with no headers.)
 //
 // Grid: one block per 16-row tile; S = blockDim.x / 32 warps split the tile's K iterations (split-K inside the
 // block, reduced through shared memory in warp order: deterministic). Per iteration (64 k) a lane loads 32
@@ -328,5 +330,49 @@ extern "C" __global__ void lut3_decode(u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 c
       if (r0 < N) out[((size_t)r0 * K + col) >> 1] = A[2 * q];
       if (r1 < N) out[((size_t)r1 * K + col) >> 1] = A[2 * q + 1];
     }
+  }
+}
+
+// The same decode, laid out for bandwidth (candidate; lut3_cuda.DECODE_KERNELS): each warp takes C consecutive
+// iterations of one tile (the escape offsets are per iteration, so any warp can start anywhere), which gives a
+// launch tiles x I / C warps instead of one per tile, and its 16 x 64 bf16 tile goes through shared memory (rows
+// padded to 36 words: conflict-free both ways) so that the writes are whole 128-byte rows, 16 bytes a lane.
+#define DECODE_ROW_WORDS 36
+extern "C" __global__ void lut3_decode_rows(u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo,
+                                            u32 esc_hi, u32 off_lo, u32 off_hi, int hi0, int hi1, int lo0, int lo1,
+                                            u32* out, int N, int K, int T, int I, int C) {
+  extern __shared__ u32 stage[];  // [warps per block][16 rows][DECODE_ROW_WORDS]
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wib = threadIdx.x >> 5;
+  const int chunks = (I + C - 1) / C;
+  const long long w = (long long)blockIdx.x * (blockDim.x >> 5) + wib;
+  if (w >= (long long)T * chunks) return;  // warp-uniform
+  const int tile = (int)(w / chunks), it0 = (int)(w % chunks) * C, it1 = min(I, it0 + C);
+  u32* st = stage + wib * (16 * DECODE_ROW_WORDS);
+  const uint4* sm = ptr_of<uint4>(sm_lo, sm_hi);
+  const u32* codes = ptr_of<u32>(codes_lo, codes_hi);
+  const u8* esc_exp = ptr_of<u8>(esc_lo, esc_hi);
+  const long long lanes_total = (long long)T * I * 32;
+  const Lut lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1};
+  int esc_pos = ptr_of<int>(off_lo, off_hi)[tile * I + it0];
+  for (int it = it0; it < it1; ++it) {
+    Buf b;
+    fetch<true>(b, ((size_t)tile * I + it) * 32 + lane, lanes_total, sm, codes, nullptr);
+    locate<0>(b, lane, esc_pos, esc_exp);
+    u32 A[16];
+    operands<true, 0>(b, lut, esc_exp, A);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {  // word (row, col / 2) of the tile; rows g and g + 8
+      const int word = 8 * (q >> 1) + 4 * (q & 1) + t;
+      st[g * DECODE_ROW_WORDS + word] = A[2 * q];
+      st[(g + 8) * DECODE_ROW_WORDS + word] = A[2 * q + 1];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {  // 4 rows per store: 8 lanes x 16 bytes each
+      const int r = 4 * s + (lane >> 3), row = tile * 16 + r;
+      const uint4 v = *reinterpret_cast<const uint4*>(st + r * DECODE_ROW_WORDS + 4 * (lane & 7));
+      if (row < N) *reinterpret_cast<uint4*>(out + (((size_t)row * K + (size_t)it * 64) >> 1) + 4 * (lane & 7)) = v;
+    }
+    __syncwarp();
   }
 }

@@ -28,8 +28,8 @@ from harness.runtime.block import block_of
 from harness.runtime.policy import CAPTURED_POLICIES, CachePolicy
 
 if TYPE_CHECKING:
+    from harness.runtime.compress import CompressedRuntime
     from harness.runtime.layer import CompressedLinear
-    from harness.runtime.runtime import CompressedRuntime
 
 ALIGN_BYTES = 256
 

@@ -31,8 +31,8 @@ from harness.fused import lut3, lut3_cuda
 from harness.runtime.policy import CAPTURED_POLICIES, POLICIES, CachePolicy
 
 if TYPE_CHECKING:
+    from harness.runtime.compress import CompressedRuntime
     from harness.runtime.layer import CompressedLinear
-    from harness.runtime.runtime import CompressedRuntime
 
 CODEC = "fused_lut3"
 DECODES, BYTES, IN_KERNEL = 0, 1, 2  # rows of the device counts [3, layers]

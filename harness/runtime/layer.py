@@ -14,7 +14,7 @@ from torch import nn
 from harness.codecs.base import CompressedTensor
 
 if TYPE_CHECKING:
-    from harness.runtime.runtime import CompressedRuntime
+    from harness.runtime.compress import CompressedRuntime
 
 
 class CompressedLinear(nn.Module):

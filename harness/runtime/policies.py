@@ -12,8 +12,8 @@ from harness.errors import HarnessError
 from harness.runtime.policy import POLICIES, CachePolicy
 
 if TYPE_CHECKING:
+    from harness.runtime.compress import CompressedRuntime
     from harness.runtime.layer import CompressedLinear
-    from harness.runtime.runtime import CompressedRuntime
 
 @POLICIES.register("none")
 class NoCache(CachePolicy):

@@ -24,8 +24,8 @@ from harness.errors import HarnessError
 from harness.registry import Registry
 
 if TYPE_CHECKING:
+    from harness.runtime.compress import CompressedRuntime
     from harness.runtime.layer import CompressedLinear
-    from harness.runtime.runtime import CompressedRuntime
 
 POLICIES: Registry[type[CachePolicy]] = Registry("cache policy")
 

@@ -207,7 +207,7 @@ class CompressedRuntime:
         self.policy.clear()
 
     def attach(self, model: nn.Module) -> None:
-        """Count forward passes with hooks on the top-level model (for use without the Lightning runner).
+        """Count forward passes with hooks on the top-level model (for use outside a Lightning phase).
         The hooks are host logic: under torch.compile they run eagerly between graphs."""
         self._hooks.append(model.register_forward_pre_hook(torch.compiler.disable(lambda *_: self.begin_pass())))
         self._hooks.append(model.register_forward_hook(torch.compiler.disable(lambda *_: self.end_pass())))

@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader
 from harness.exactness import token_agreement
 from harness.generation import Generation
 from harness.measure import MemoryReading, model_weight_bytes, spread
+from harness.phases.compiled import compile_details, compile_mode, reset_compile_counters
+from harness.phases.module import GenerationModule, PhaseRecord
+from harness.phases.strategy import stay_on
 from harness.rounds import Timing, host_overhead
-from harness.runner.compiled import compile_details, compile_mode, reset_compile_counters
-from harness.runner.module import GenerationModule, PhaseRecord
-from harness.runner.strategy import stay_on
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run_phase(
 
 
 def compare(baseline: PhaseResult, compressed: PhaseResult, paired: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Exactness, memory and speed of compressed against baseline. With `paired` (harness.runner.paired's
+    """Exactness, memory and speed of compressed against baseline. With `paired` (harness.phases.paired's
     figures) the speed ratio is the median of the paired rounds, `slowdown` its inverse; without it, the ratio
     of the two phases' medians (measured minutes apart: the host's drift is in it)."""
     a, b = baseline.generation, compressed.generation

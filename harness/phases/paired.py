@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader
 
 from harness.codecs.base import checksum
 from harness.errors import IntegrityError
+from harness.phases.callbacks import MetricsLogger, PhaseMemory
+from harness.phases.module import GenerationModule, PhaseRecord
+from harness.phases.strategy import stay_on
 from harness.rounds import Timing, alternate, host_overhead, paired_speed_ratio, quartiles
-from harness.runner.callbacks import MetricsLogger, PhaseMemory
-from harness.runner.module import GenerationModule, PhaseRecord
-from harness.runner.strategy import stay_on
+from harness.runtime.compress import CompressedRuntime
 from harness.runtime.embedding import CompressedEmbedding
-from harness.runtime.runtime import CompressedRuntime
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""Lightning runner: the generation module, the phase callbacks and the phase loop."""
