@@ -301,6 +301,16 @@ extern "C" __global__ void __launch_bounds__(512) lut3_diag1_m1(
                    Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);
 }
 
+// One iteration of one lane, decoded exactly into its 16 A-fragment registers (both decode kernels).
+__device__ __forceinline__ void decode_iteration(size_t li, int lane, long long lanes_total, const uint4* sm,
+                                                 const u32* codes, const u8* esc_exp, const Lut lut, int& esc_pos,
+                                                 u32* A) {
+  Buf b;
+  fetch<true>(b, li, lanes_total, sm, codes, nullptr);
+  locate<0>(b, lane, esc_pos, esc_exp);
+  operands<true, 0>(b, lut, esc_exp, A);
+}
+
 // The main loop's decode written out as the dense row-major weight [N, K]: the GPU path of the codec's decode (a
 // prefill with more tokens than the GEMV takes multiplies it with cuBLAS) and the proof, on the GPU, that the
 // in-register decode is the inverse of encode (lut3_cuda.decode_gpu; the tests compare it with W). One warp per
@@ -319,11 +329,8 @@ extern "C" __global__ void lut3_decode(u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 c
   int esc_pos = ptr_of<int>(off_lo, off_hi)[tile * I];
   const int r0 = tile * 16 + g, r1 = r0 + 8;
   for (int it = 0; it < I; ++it) {
-    Buf b;
-    fetch<true>(b, ((size_t)tile * I + it) * 32 + lane, lanes_total, sm, codes, nullptr);
-    locate<0>(b, lane, esc_pos, esc_exp);
     u32 A[16];
-    operands<true, 0>(b, lut, esc_exp, A);
+    decode_iteration(((size_t)tile * I + it) * 32 + lane, lane, lanes_total, sm, codes, esc_exp, lut, esc_pos, A);
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       const size_t col = (size_t)it * 64 + 16 * (q >> 1) + 8 * (q & 1) + 2 * t;  // in bf16 elements
@@ -355,11 +362,8 @@ extern "C" __global__ void lut3_decode_rows(u32 sm_lo, u32 sm_hi, u32 codes_lo, 
   const Lut lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1};
   int esc_pos = ptr_of<int>(off_lo, off_hi)[tile * I + it0];
   for (int it = it0; it < it1; ++it) {
-    Buf b;
-    fetch<true>(b, ((size_t)tile * I + it) * 32 + lane, lanes_total, sm, codes, nullptr);
-    locate<0>(b, lane, esc_pos, esc_exp);
     u32 A[16];
-    operands<true, 0>(b, lut, esc_exp, A);
+    decode_iteration(((size_t)tile * I + it) * 32 + lane, lane, lanes_total, sm, codes, esc_exp, lut, esc_pos, A);
 #pragma unroll
     for (int q = 0; q < 8; ++q) {  // word (row, col / 2) of the tile; rows g and g + 8
       const int word = 8 * (q >> 1) + 4 * (q & 1) + t;
