@@ -19,6 +19,7 @@ from harness.errors import HarnessError
 from harness.exactness import exactness_reference
 from harness.fidelity import compare as compare_fidelity
 from harness.fidelity import per_sample_table
+from harness.measure import forward_pass_hooks
 from harness.models import load_model, resolve_device
 from harness.phases.compiled import release_compiled
 from harness.phases.module import GenerationModule
@@ -35,7 +36,7 @@ def evaluate_counted(cfg: DictConfig, loaded, runtime) -> dict[str, Any]:
     from harness.fidelity import evaluate
 
     passes = [0]
-    hook = loaded.model.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
+    hooks = forward_pass_hooks(loaded.model, lambda: passes.__setitem__(0, passes[0] + 1))
     if runtime is not None:
         runtime.reset_stats()
         runtime.attach(loaded.model)
@@ -50,7 +51,8 @@ def evaluate_counted(cfg: DictConfig, loaded, runtime) -> dict[str, Any]:
             max_length=cfg.eval.max_length,
         )
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         if runtime is not None:
             runtime.end_generation()
             runtime.detach()

@@ -6,10 +6,21 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
 import torch
+
+
+def forward_pass_hooks(model: torch.nn.Module, start: Callable[[], object], end: Callable[[], object] | None = None) -> list:
+    """The one definition of a forward pass, for the phases' callbacks, the runtime's pass boundaries and the
+    fidelity run's count: a call of the top-level model. `start()` runs before it and `end()` after it, as host
+    logic (under torch.compile, eagerly between graphs). Returns the hook handles, to remove."""
+    hooks = [model.register_forward_pre_hook(torch.compiler.disable(lambda *_: start()))]
+    if end is not None:
+        hooks.append(model.register_forward_hook(torch.compiler.disable(lambda *_: end())))
+    return hooks
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from harness.generation import Generation, greedy_generate
-from harness.measure import MemoryReading
+from harness.measure import MemoryReading, forward_pass_hooks
 
 
 @dataclass
@@ -44,10 +44,8 @@ class GenerationModule(L.LightningModule):
         # The hooks hold a weak reference: a strong one would make model <-> module a cycle that keeps a finished
         # job's model (and its VRAM) alive until the garbage collector happens to run, skewing the next job's memory.
         ref = weakref.ref(self)
-        self._hooks = [
-            model.register_forward_pre_hook(lambda *_: (m := ref()) and m._dispatch("on_forward_pass_start")),
-            model.register_forward_hook(lambda *_: (m := ref()) and m._dispatch("on_forward_pass_end")),
-        ]
+        self._hooks = forward_pass_hooks(model, lambda: (m := ref()) and m._dispatch("on_forward_pass_start"),
+                                         lambda: (m := ref()) and m._dispatch("on_forward_pass_end"))
 
     def close(self) -> None:
         """Remove the hooks from the wrapped model."""

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from harness.codecs.base import Codec, CompressedTensor, checksum
 from harness.errors import HarnessError, IntegrityError
+from harness.measure import forward_pass_hooks
 from harness.runtime.embedding import CompressedEmbedding
 from harness.runtime.layer import CompressedLinear
 from harness.runtime.policy import CachePolicy, make_policy
@@ -209,8 +210,7 @@ class CompressedRuntime:
     def attach(self, model: nn.Module) -> None:
         """Count forward passes with hooks on the top-level model (for use outside a Lightning phase).
         The hooks are host logic: under torch.compile they run eagerly between graphs."""
-        self._hooks.append(model.register_forward_pre_hook(torch.compiler.disable(lambda *_: self.begin_pass())))
-        self._hooks.append(model.register_forward_hook(torch.compiler.disable(lambda *_: self.end_pass())))
+        self._hooks += forward_pass_hooks(model, self.begin_pass, self.end_pass)
 
     def detach(self) -> None:
         for h in self._hooks:
