@@ -17,15 +17,17 @@ Code words of one (tile, iteration, lane), nibble n = bits 4n..4n+3:
     W0: bits 0-2 of nibble n = code of j = n;       bit 3 = bit 0 of the code of j = 24 + n
     W1: bits 0-2 of nibble n = code of j = 8 + n;   bit 3 = bit 1 of the code of j = 24 + n
     W2: bits 0-2 of nibble n = code of j = 16 + n;  bit 3 = bit 2 of the code of j = 24 + n
-so three masks give PRMT selectors for j = 0..23 and a few shifts those of j = 24..31. A code indexes two byte
-tables with one PRMT per 4 weights: hi[c] = exponent >> 1 and lo[c] = (exponent & 1) << 7 (both 0 for an escape).
+so three masks give PRMT selectors for j = 0..23 and a few shifts those of j = 24..31. A code indexes one byte table
+with one PRMT per 4 weights. Its bytes, and the escape list's, hold each exponent rotated right by one bit,
+rot(e) = [e0 e7 e6 e5 e4 e3 e2 e1] (0 for code 7): the bf16's high byte is [s e7..e1] and its low byte [e0 m6..m0],
+so both come from one looked-up byte by masks alone, the escape's bytes OR-ed in before, with no shifts.
 
 Escapes: the list holds their exponents ordered by (tile, iteration, lane, j); `esc_off[tile * iters + iteration]` is
 where the escapes of that (tile, iteration) start, so a warp can start at any iteration (split-K), and a lane finds
 its own from a prefix count over the lanes before it. The kernel decodes every weight exactly in its main pass: a
 lane takes an 8-byte window of the list at its first escape (byte 7 forced to 0), and per 4 weights one more PRMT,
 whose selector is each escape's rank among the lane's escapes (7, the zero byte, for the others), gives the escape
-exponents' bytes, OR-ed into the table's (which are 0 for code 7). A lane with more than 7 escapes in one
+exponents' (rotated) bytes, OR-ed into the table's (which are 0 for code 7). A lane with more than 7 escapes in one
 iteration (about 4e-7 of lanes on normal weights) reads them byte by byte instead.
 
 Everything here is torch (CPU or GPU, the same code): `encode`, `decode` (the reference inverse), `nbytes`, and
@@ -38,6 +40,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def rot(e):
+    """An exponent byte rotated right by one bit, [e0 e7..e1], as the table and the escape list store it (an int
+    or an integer tensor)."""
+    return ((e >> 1) | ((e & 1) << 7)) & 0xFF
+
+
+def unrot(b):
+    """The inverse of `rot`."""
+    return ((b << 1) | (b >> 7)) & 0xFF
+
 
 TILE_ROWS = 16
 ITER_K = 64  # k per iteration: 4 mma k-steps of 16
@@ -79,16 +93,15 @@ class Lut3:
         tensors = (self.signman, self.codes, self.esc_exp, self.esc_off)
         return sum(t.numel() * t.element_size() for t in tensors) + len(self.exponents)
 
-    def lut_words(self) -> tuple[int, int, int, int]:
-        """(hi0, hi1, lo0, lo1): the two byte tables as PRMT source words (code c is byte c of word0:word1)."""
-        hi = [e >> 1 for e in self.exponents] + [0]
-        lo = [(e & 1) << 7 for e in self.exponents] + [0]
+    def lut_words(self) -> tuple[int, int]:
+        """(t0, t1): the table of rotated exponents as PRMT source words (code c is byte c of t0:t1; code 7's is 0)."""
+        b = [rot(e) for e in self.exponents] + [0]
 
-        def word(b: list[int]) -> int:
-            v = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+        def word(v4: list[int]) -> int:
+            v = v4[0] | v4[1] << 8 | v4[2] << 16 | v4[3] << 24
             return v - (1 << 32) if v >= 1 << 31 else v  # as a C int32
 
-        return word(hi[:4]), word(hi[4:]), word(lo[:4]), word(lo[4:])
+        return word(b[:4]), word(b[4:])
 
     def to(self, device: torch.device | str) -> Lut3:
         return Lut3(self.shape, self.signman.to(device), self.codes.to(device), self.esc_exp.to(device),
@@ -152,7 +165,8 @@ def encode(weight: torch.Tensor) -> Lut3:
     codes = torch.stack(words).reshape(3, tiles * iters * 32)
 
     esc_mask = code_s == ESCAPE  # [T, I, 32 lanes, 32 j]: the list's order is this tensor's
-    esc_exp = torch.cat([exp_s[esc_mask].to(torch.uint8), torch.zeros(ESC_PAD, dtype=torch.uint8, device=dev)])
+    esc_exp = torch.cat([rot(exp_s[esc_mask].to(torch.int32)).to(torch.uint8),
+                         torch.zeros(ESC_PAD, dtype=torch.uint8, device=dev)])
     per_iter = esc_mask.reshape(tiles * iters, -1).sum(-1, dtype=torch.int64)
     esc_off = torch.zeros(tiles * iters + 1, dtype=torch.int64, device=dev)
     esc_off[1:] = torch.cumsum(per_iter, 0)
@@ -176,7 +190,7 @@ def decode(p: Lut3) -> torch.Tensor:
     code = _codes_per_weight(p)
     table = torch.tensor(list(p.exponents) + [0], dtype=torch.int64, device=p.device)
     exp = table[code]
-    exp[code == ESCAPE] = p.esc_exp[: p.n_escapes].to(torch.int64)
+    exp[code == ESCAPE] = unrot(p.esc_exp[: p.n_escapes].to(torch.int64))
     sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 32)
     bits = ((sm & 0x80) << 8) | (exp << 7) | (sm & 0x7F)
     bits = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
@@ -220,7 +234,7 @@ def emulate_decode(p: Lut3) -> torch.Tensor:
     lookups, escape flags, the lane prefix count, the window and its rank selectors, byte assembly), elementwise:
     bf16 bits int16 [T, I, 32, 32] in stream order. The tests compare it with W."""
     m32 = 0xFFFFFFFF
-    hi0, hi1, lo0, lo1 = (v & m32 for v in p.lut_words())
+    t0, t1 = (v & m32 for v in p.lut_words())
     w = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & m32
     w0, w1, w2 = w[0], w[1], w[2]
     m7 = 0x77777777
@@ -254,11 +268,10 @@ def emulate_decode(p: Lut3) -> torch.Tensor:
                     rank = rank + f
                 e_word = torch.where(rare, slow, e_word)
             q = 2 * g + h
-            ehi = prmt(torch.full_like(sels[q], hi0), torch.full_like(sels[q], hi1), sels[q]) | ((e_word >> 1) & 0x7F7F7F7F)
-            elo = prmt(torch.full_like(sels[q], lo0), torch.full_like(sels[q], lo1), sels[q]) | ((e_word << 7) & 0x80808080)
+            tb = prmt(torch.full_like(sels[q], t0), torch.full_like(sels[q], t1), sels[q]) | e_word  # rot(exponent)
             word = smw[..., q]
-            hi = ehi | (word & 0x80808080)  # [s e7..e1] per byte
-            lo = elo | (word & 0x7F7F7F7F)  # [e0 m6..m0] per byte
+            hi = (tb & 0x7F7F7F7F) | (word & 0x80808080)  # [s e7..e1] per byte
+            lo = (tb & 0x80808080) | (word & 0x7F7F7F7F)  # [e0 m6..m0] per byte
             pairs += [prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)]  # bf16x2 (j+1 | j), (j+3 | j+2)
         base = base + _popc(nf)
     bits = []

@@ -12,7 +12,7 @@
 // Escapes (code 7: an exponent outside the tensor's table of 7) are decoded in the same pass, with no branch and no
 // extra arithmetic on x: a warp prefix count gives each lane the position of its first escape in the list, the lane
 // loads an 8-byte window there, and per 4 weights one PRMT whose selector nibbles are each escape's rank (7, the
-// window's zero byte, for the others) yields the escape exponents, OR-ed into the table's bytes (0 for code 7). A
+// window's zero byte, for the others) yields the escape exponents (rotated, as the table stores them), OR-ed into the table's byte (0 for code 7). A
 // lane with more escapes in one iteration than the window holds (WINDOW) takes them byte by byte (rare: ~4e-7 of
 // lanes on normal weights). So every weight reaches the tensor cores as the original bf16 value.
 //
@@ -31,8 +31,8 @@ typedef unsigned long long u64;
 #define WINDOW 7                    // escapes per lane and iteration taken from the window (byte 7 is zero)
 #define SMEM_PER_WARP (16 * 8 * 4)  // the block's split-K partial sums: 16 rows x 8 tokens of fp32 per warp
 
-struct Lut {
-  u32 hi0, hi1, lo0, lo1;
+struct Lut {  // the table of rotated exponents [e0 e7..e1] (lut3.py: rot), code c = byte c of t0:t1
+  u32 t0, t1;
 };
 
 template <typename T>
@@ -117,10 +117,9 @@ __device__ __forceinline__ void decode32(const uint4 s0, const uint4 s1, u32 w0,
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int q = 2 * g + h;
-      const u32 ehi = __byte_perm(lut.hi0, lut.hi1, sel[q]) | ((E[h] >> 1) & 0x7F7F7F7Fu);  // exponent >> 1
-      const u32 elo = __byte_perm(lut.lo0, lut.lo1, sel[q]) | ((E[h] << 7) & 0x80808080u);  // (exponent & 1) << 7
-      const u32 hi = ehi | (sm[q] & 0x80808080u);  // [sign e7..e1]
-      const u32 lo = elo | (sm[q] & 0x7F7F7F7Fu);  // [e0 m6..m0]
+      const u32 tb = __byte_perm(lut.t0, lut.t1, sel[q]) | E[h];  // rot(exponent): table's, or the escape's
+      const u32 hi = (tb & 0x7F7F7F7Fu) | (sm[q] & 0x80808080u);  // [sign e7..e1]
+      const u32 lo = (tb & 0x80808080u) | (sm[q] & 0x7F7F7F7Fu);  // [e0 m6..m0]
       A[2 * q] = __byte_perm(lo, hi, 0x5140);      // bf16x2: (j+1 | j)
       A[2 * q + 1] = __byte_perm(lo, hi, 0x7362);  // (j+3 | j+2)
     }
@@ -272,10 +271,10 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
 #define LUT3_FUSED(NAME, BOUNDS, MT)                                                                           \
   extern "C" __global__ void BOUNDS NAME##_m##MT(                                                              \
       const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,   \
-      u32 off_lo, u32 off_hi, int hi0, int hi1, int lo0, int lo1, u16* y, int N, int I, u64* counter) {        \
+      u32 off_lo, u32 off_hi, int t0, int t1, u16* y, int N, int I, u64* counter) {        \
     gemv<MT, true>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                      \
                    ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                           \
-                   Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);                             \
+                   Lut{(u32)t0, (u32)t1}, y, N, I, counter);                             \
   }
 
 #define LUT3_GEMV(MT)                                                                                          \
@@ -284,7 +283,7 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                           \
       const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {               \
     gemv<MT, false>(x, M, K, nullptr, nullptr, nullptr, nullptr, ptr_of<uint4>(raw_lo, raw_hi),               \
-                    Lut{0, 0, 0, 0}, y, N, I, counter);                                                        \
+                    Lut{0, 0}, y, N, I, counter);                                                        \
   }
 
 LUT3_GEMV(1)
@@ -295,10 +294,10 @@ LUT3_GEMV(8)
 // bench/lut3_kernel.py only: the one-token kernel with the escapes left undecoded (wrong results on purpose).
 extern "C" __global__ void __launch_bounds__(512) lut3_diag1_m1(
     const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,
-    u32 off_lo, u32 off_hi, int hi0, int hi1, int lo0, int lo1, u16* y, int N, int I, u64* counter) {
+    u32 off_lo, u32 off_hi, int t0, int t1, u16* y, int N, int I, u64* counter) {
   gemv<1, true, 1>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),
                    ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,
-                   Lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1}, y, N, I, counter);
+                   Lut{(u32)t0, (u32)t1}, y, N, I, counter);
 }
 
 // One iteration of one lane, decoded exactly into its 16 A-fragment registers (both decode kernels).
@@ -316,7 +315,7 @@ __device__ __forceinline__ void decode_iteration(size_t li, int lane, long long 
 // in-register decode is the inverse of encode (lut3_cuda.decode_gpu; the tests compare it with W). One warp per
 // tile; a lane's register A[2q] holds row g, A[2q + 1] row g + 8, both at columns 16 (q / 2) + 8 (q % 2) + 2t.
 extern "C" __global__ void lut3_decode(u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,
-                                       u32 off_lo, u32 off_hi, int hi0, int hi1, int lo0, int lo1, u32* out,
+                                       u32 off_lo, u32 off_hi, int t0, int t1, u32* out,
                                        int N, int K, int T, int I) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -325,7 +324,7 @@ extern "C" __global__ void lut3_decode(u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 c
   const u32* codes = ptr_of<u32>(codes_lo, codes_hi);
   const u8* esc_exp = ptr_of<u8>(esc_lo, esc_hi);
   const long long lanes_total = (long long)T * I * 32;
-  const Lut lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1};
+  const Lut lut{(u32)t0, (u32)t1};
   int esc_pos = ptr_of<int>(off_lo, off_hi)[tile * I];
   const int r0 = tile * 16 + g, r1 = r0 + 8;
   for (int it = 0; it < I; ++it) {
@@ -346,7 +345,7 @@ extern "C" __global__ void lut3_decode(u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 c
 // padded to 36 words: conflict-free both ways) so that the writes are whole 128-byte rows, 16 bytes a lane.
 #define DECODE_ROW_WORDS 36
 extern "C" __global__ void lut3_decode_rows(u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo,
-                                            u32 esc_hi, u32 off_lo, u32 off_hi, int hi0, int hi1, int lo0, int lo1,
+                                            u32 esc_hi, u32 off_lo, u32 off_hi, int t0, int t1,
                                             u32* out, int N, int K, int T, int I, int C) {
   extern __shared__ u32 stage[];  // [warps per block][16 rows][DECODE_ROW_WORDS]
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wib = threadIdx.x >> 5;
@@ -359,7 +358,7 @@ extern "C" __global__ void lut3_decode_rows(u32 sm_lo, u32 sm_hi, u32 codes_lo, 
   const u32* codes = ptr_of<u32>(codes_lo, codes_hi);
   const u8* esc_exp = ptr_of<u8>(esc_lo, esc_hi);
   const long long lanes_total = (long long)T * I * 32;
-  const Lut lut{(u32)hi0, (u32)hi1, (u32)lo0, (u32)lo1};
+  const Lut lut{(u32)t0, (u32)t1};
   int esc_pos = ptr_of<int>(off_lo, off_hi)[tile * I + it0];
   for (int it = it0; it < it1; ++it) {
     u32 A[16];
