@@ -49,7 +49,7 @@ class SweepReport(Callback):
             job_dir = Path(str(config.hydra.runtime.output_dir))
             if job_return.status == JobStatus.FAILED:
                 record_failure(job_dir, list(job_return.overrides or []), _one_line(job_return._return_value))
-            _write_report(_sweep_dir(config, job_dir))
+            _write_report(sweep_dir_of(job_dir, config.hydra.sweep.subdir))
         except Exception as e:  # the report must never take the sweep down with it
             log.warning("sweep report not written after job: %s", _one_line(e))
 
@@ -96,10 +96,6 @@ def sweep_dir_of(job_dir: Path | str, subdir: str) -> Path:
     for _ in Path(str(subdir)).parts:
         job_dir = job_dir.parent
     return job_dir
-
-
-def _sweep_dir(config: DictConfig, job_dir: Path) -> Path:
-    return sweep_dir_of(job_dir, config.hydra.sweep.subdir)
 
 
 def _one_line(e: BaseException | Any) -> str:

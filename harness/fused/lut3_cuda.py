@@ -128,10 +128,16 @@ def _check(x2d: torch.Tensor, k: int) -> None:
 # The fused kernel the op launches: "lut3_gemv" (registers as the compiler allocates them) or "lut3_gemv72" (the
 # same code held to 72 registers, for more warps per SM). CODECLLM_LUT3_KERNEL picks one for an A/B run of a whole
 # model; bench/lut3_kernel.py times both per matrix.
+def _chosen(env: str, choices: tuple[str, ...]) -> str:
+    """The kernel an A/B run names in $env, else the first of `choices`."""
+    name = os.environ.get(env, choices[0])
+    if name not in choices:
+        raise ValueError(f"{env}={name!r}: choose one of {', '.join(choices)}")
+    return name
+
+
 FUSED_KERNELS = ("lut3_gemv", "lut3_gemv72")
-FUSED_KERNEL = os.environ.get("CODECLLM_LUT3_KERNEL", FUSED_KERNELS[0])
-if FUSED_KERNEL not in FUSED_KERNELS:
-    raise ValueError(f"CODECLLM_LUT3_KERNEL={FUSED_KERNEL!r}: choose one of {', '.join(FUSED_KERNELS)}")
+FUSED_KERNEL = _chosen("CODECLLM_LUT3_KERNEL", FUSED_KERNELS)
 
 SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums
 
@@ -201,9 +207,7 @@ def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | No
 # candidate: a warp per DECODE_CHUNK iterations of a tile, whole rows written through shared memory).
 # CODECLLM_LUT3_DECODE picks one for an A/B run; bench/lut3_kernel.py times both.
 DECODE_KERNELS = ("lut3_decode", "lut3_decode_rows")
-DECODE_KERNEL = os.environ.get("CODECLLM_LUT3_DECODE", DECODE_KERNELS[0])
-if DECODE_KERNEL not in DECODE_KERNELS:
-    raise ValueError(f"CODECLLM_LUT3_DECODE={DECODE_KERNEL!r}: choose one of {', '.join(DECODE_KERNELS)}")
+DECODE_KERNEL = _chosen("CODECLLM_LUT3_DECODE", DECODE_KERNELS)
 DECODE_CHUNK = 4  # iterations per warp in lut3_decode_rows
 _DECODE_ROW_BYTES = 36 * 4  # lut3_kernel.cu's DECODE_ROW_WORDS: a staged row of 64 bf16, padded
 

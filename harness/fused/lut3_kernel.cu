@@ -12,9 +12,9 @@
 // Escapes (code 7: an exponent outside the tensor's table of 7) are decoded in the same pass, with no branch and no
 // extra arithmetic on x: a warp prefix count gives each lane the position of its first escape in the list, the lane
 // loads an 8-byte window there, and per 4 weights one PRMT whose selector nibbles are each escape's rank (7, the
-// window's zero byte, for the others) yields the escape exponents (rotated, as the table stores them), OR-ed into the table's byte (0 for code 7). A
-// lane with more escapes in one iteration than the window holds (WINDOW) takes them byte by byte (rare: ~4e-7 of
-// lanes on normal weights). So every weight reaches the tensor cores as the original bf16 value.
+// window's zero byte, for the others) yields the escape exponents (rotated, as the table stores them), OR-ed into
+// the table's byte (0 for code 7). A lane with more escapes in one iteration than the window holds (WINDOW) takes
+// them byte by byte (rare: ~4e-7 of lanes on normal weights). So every weight reaches the tensor cores as the original bf16 value.
 //
 // The exactness reference (lut3_ref_m*) is the same code fed the uncompressed weights: the A fragments loaded from
 // W itself in the same register order, the same mma order, the same split-K. Compressed == reference bit for bit
@@ -268,22 +268,22 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
 
 // The fused kernel twice: as the compiler allocates it (82 registers: 23 warps per SM) and held to 72 registers
 // (no spills: 28 warps per SM, so e.g. the 8B gate/up launch of 3584 warps fits the H200's 132 SMs in one wave).
-#define LUT3_FUSED(NAME, BOUNDS, MT)                                                                           \
-  extern "C" __global__ void BOUNDS NAME##_m##MT(                                                              \
-      const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,   \
-      u32 off_lo, u32 off_hi, int t0, int t1, u16* y, int N, int I, u64* counter) {        \
-    gemv<MT, true>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                      \
-                   ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                           \
-                   Lut{(u32)t0, (u32)t1}, y, N, I, counter);                             \
+#define LUT3_FUSED(NAME, BOUNDS, MT)                                                                                   \
+  extern "C" __global__ void BOUNDS NAME##_m##MT(                                                                      \
+      const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,            \
+      u32 off_lo, u32 off_hi, int t0, int t1, u16* y, int N, int I, u64* counter) {                                    \
+    gemv<MT, true>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                              \
+                   ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                                   \
+                   Lut{(u32)t0, (u32)t1}, y, N, I, counter);                                                           \
   }
 
-#define LUT3_GEMV(MT)                                                                                          \
-  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT)                                                            \
-  LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                           \
-      const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {               \
-    gemv<MT, false>(x, M, K, nullptr, nullptr, nullptr, nullptr, ptr_of<uint4>(raw_lo, raw_hi),               \
-                    Lut{0, 0}, y, N, I, counter);                                                        \
+#define LUT3_GEMV(MT)                                                                                                  \
+  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT)                                                                    \
+  LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT)                                                                         \
+  extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                                    \
+      const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {                        \
+    gemv<MT, false>(x, M, K, nullptr, nullptr, nullptr, nullptr, ptr_of<uint4>(raw_lo, raw_hi),                        \
+                    Lut{0, 0}, y, N, I, counter);                                                                      \
   }
 
 LUT3_GEMV(1)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import torch
 
 from harness.generation import Generation, greedy_generate
 from harness.measure import MemoryReading, forward_pass_hooks
@@ -59,9 +58,8 @@ class GenerationModule(L.LightningModule):
     def on_predict_end(self) -> None:
         self._predicting = False
 
-    # Never traced: when transformers compiles the model's __call__, these hooks run eagerly between graphs
-    # (Lightning callbacks are host logic), so pass boundaries and counters keep working under compile.
-    @torch.compiler.disable
+    # Called from forward_pass_hooks, which keep it out of any compiled graph: when transformers compiles the
+    # model's __call__ it runs eagerly between graphs, so pass boundaries and counters keep working under compile.
     def _dispatch(self, hook: str) -> None:
         trainer = self._trainer
         if trainer is None or not self._predicting:
