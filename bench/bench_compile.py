@@ -11,7 +11,7 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   block_compiled     the same weights through the capturable block policy, compiled like dense_compiled
   none_compiled      the capturable none policy (each layer decoded at its use), compiled
   fused_compiled     cache=fused: every linear layer in lut3 (codec fused_lut3), decoded in registers inside the
-                     GEMV (harness/fused/lut3_kernel.cu), compiled; warps per tile tuned per shape first
+                     GEMV (harness/fused/lut3_kernel.cu), compiled; warps per tile by lut3_cuda.warps_per_tile
   fused_eager        the same, eager
   fused_ref_compiled the same policy inside its reference(): the lut3 kernel fed the uncompressed weights, the
                      exactness reference of fused_compiled
@@ -102,6 +102,18 @@ def weights_on_device(model) -> int:
         if isinstance(m, (CompressedLinear, CompressedEmbedding)) and m.ct.payload.device.type == "cuda":
             total += m.ct.compressed_nbytes
     return total
+
+
+def warps_of(rt, batches) -> dict[str, int] | None:
+    """The fused kernel's warps per tile for each layer shape and batch (recorded with the row: it sets the split-K,
+    so the arithmetic); None for other policies."""
+    packed = getattr(rt.policy, "_packed", None)
+    if not packed:
+        return None
+    from harness.fused import lut3_cuda
+
+    shapes = {(tuple(p.shape), p.tiles, p.iters) for p in packed.values()}
+    return {f"{s[0]}x{s[1]}@{b}": lut3_cuda.warps_per_tile(t, i, b) for s, t, i in sorted(shapes) for b in batches}
 
 
 def profile_one(fn, tokens: int, top: int = 12) -> dict:
@@ -218,15 +230,13 @@ def main() -> None:
                             precompressed=encoded_lut3 if have else None, captured=compile_, attach=True,
                             progress=False)  # fmt: skip
         encoded_lut3.update({layer.name: layer.ct for layer in rt.layers})
-        if not reference:
-            tuned = rt.policy.tune(tuple(args.batch))  # before any capture; the reference arm reuses the choice
-        else:
+        if reference:
             stack.enter_context(rt.policy.reference())
         torch.cuda.synchronize()
         models[arm] = (model, compile_, rt)
         emit({"event": "compressed", "arm": arm, "s": time.perf_counter() - t, "ratio": rt.report.compression_ratio,
               "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
-              "warps_per_tile": {str(k): v for k, v in tuned.items()} if not reference else None})  # fmt: skip
+              "warps_per_tile": warps_of(rt, args.batch)})  # fmt: skip
     gc.collect()
     arms = [a for a in args.arms if a in models]
 

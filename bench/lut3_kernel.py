@@ -70,16 +70,12 @@ def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]
         (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         for _ in range(max(2, int(ROTATE_BYTES // dense_bytes) + 1) - 1)
     ]
-    # the decode kernels (decompress-then-matmul's first half: a long prefill), timed into preallocated outputs
+    # the decode kernel (decompress-then-matmul's first half: a long prefill), timed into preallocated outputs
     outs = [torch.empty(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
-    decode = {}
-    for kern in lut3_cuda.DECODE_KERNELS:
-        exact = bool(torch.equal(lut3_cuda.decode_gpu(p, kernel=kern).view(torch.int16), w.view(torch.int16)))
-        t = graph_time_s([(lambda q=q, o=o, kern=kern: lut3_cuda.decode_gpu(q, out=o, kernel=kern))
-                          for q, o in zip(packs, outs * len(packs))])  # fmt: skip
-        decode[kern] = {"us": t * 1e6, "exact": exact, "gbps": (comp_bytes + dense_bytes) / t / 1e9}
+    decode_exact = bool(torch.equal(lut3_cuda.decode_gpu(p).view(torch.int16), w.view(torch.int16)))
+    t = graph_time_s([(lambda q=q, o=o: lut3_cuda.decode_gpu(q, out=o)) for q, o in zip(packs, outs * len(packs))])
+    decode = {"us": t * 1e6, "exact": decode_exact, "gbps": (comp_bytes + dense_bytes) / t / 1e9}
     del outs
-    decode_exact = all(d["exact"] for d in decode.values())  # every decode kernel's output == W
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
@@ -88,7 +84,7 @@ def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]
         y64 = x.double() @ w.double().T
         row = {"matrix": name, "N": n, "K": k, "M": m, "encode_s": enc_s, "ratio": dense_bytes / comp_bytes,
                "escape_rate": p.n_escapes / (n * k), "decode_gpu_exact": decode_exact,
-               "decode_torch_exact": torch_decode_exact, "copies": copies, "decode_kernels": decode,
+               "decode_torch_exact": torch_decode_exact, "copies": copies, "decode": decode,
                "configs": []}  # fmt: skip
         per_kernel = {}  # kernel -> its fastest config
         refs_w = {wp: lut3_cuda.reference_gemv(x, ref, warps=wp) for wp in warps_list if wp <= p.iters}
@@ -189,11 +185,11 @@ def main() -> None:
               f"{pk.get('lut3_gemv', 0):.1f} | {pk.get('lut3_gemv72', 0):.1f} | {d1 and round(d1, 1)} | {r['reference_us']:.1f} | {r['cublas_us']:.1f} | {r['speedup_vs_cublas']:.2f} | {r['fused_gbps_compressed']:.0f} | "
               f"{100 * r['fused_gbps_compressed'] / bw:.0f} | {r['best_kernel'][5:]}, {r['best_warps']} | {r['fused_eq_reference']} | "
               f"{r['decode_gpu_exact']} |")  # fmt: skip
-    print("\n| matrix | decode kernel | us | GB/s (read + write) | exact |\n|---|---|---|---|---|")
+    print("\n| matrix | decode us | GB/s (read + write) | exact |\n|---|---|---|---|")
     for r in rows:
         if "error" not in r and r["M"] == ms[0]:
-            for kern, d in r["decode_kernels"].items():
-                print(f"| {r['matrix']} | {kern} | {d['us']:.1f} | {d['gbps']:.0f} | {d['exact']} |")
+            d = r["decode"]
+            print(f"| {r['matrix']} | {d['us']:.1f} | {d['gbps']:.0f} | {d['exact']} |")
     for m in ms:
         for model in ("8b", "1b"):
             sel = [r for r in rows if "error" not in r and r["M"] == m and r["matrix"].startswith(model + ".")]

@@ -293,8 +293,8 @@ def _fused(loaded, captured=False):
 @RunIf(min_gpus=1)
 @pytest.mark.parametrize("shape", [(16, 64), (259, 64), (4096, 4096), (1000, 14336), (40, 320)])
 def test_lut3_decode_gpu_is_bit_exact(shape):
-    """Each decode kernel's output equals W bit for bit; the GPU encoder writes the CPU encoder's bytes. (40, 320):
-    a partial last tile and a last chunk of one iteration in lut3_decode_rows (5 iterations, chunks of 4)."""
+    """The decode kernel's output equals W bit for bit; the GPU encoder writes the CPU encoder's bytes. (40, 320):
+    a partial last tile and a last chunk of one iteration (5 iterations, chunks of DECODE_CHUNK = 4)."""
     from harness.fused import lut3_cuda
 
     g = torch.Generator().manual_seed(shape[0])
@@ -302,9 +302,8 @@ def test_lut3_decode_gpu_is_bit_exact(shape):
     codec = make_codec("fused_lut3")
     ct_cpu, ct_gpu = codec.encode(w), codec.encode(w.cuda())
     assert ct_gpu.payload.is_cuda and torch.equal(ct_gpu.payload.cpu(), ct_cpu.payload) and ct_gpu.meta == ct_cpu.meta
-    for kernel in lut3_cuda.DECODE_KERNELS:
-        got = lut3_cuda.decode_gpu(codec.packed(ct_gpu), kernel=kernel)
-        assert torch.equal(got.cpu().view(torch.int16), w.view(torch.int16)), kernel
+    got = lut3_cuda.decode_gpu(codec.packed(ct_gpu))
+    assert torch.equal(got.cpu().view(torch.int16), w.view(torch.int16))
     assert torch.equal(codec.decode(ct_cpu).cpu().view(torch.int16), w.view(torch.int16))  # bytes in host memory
 
 
@@ -336,9 +335,8 @@ def test_lut3_decode_gpu_keeps_every_bit_pattern():
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(512, 128)
     codec = make_codec("fused_lut3")
     assert torch.equal(codec.decode(codec.encode(every.cuda())).cpu().view(torch.int16), every.view(torch.int16))
-    p = codec.packed(codec.encode(every.cuda()))  # escape-dense: lanes past the window's 7, in both decode kernels
-    for kernel in lut3_cuda.DECODE_KERNELS:
-        assert torch.equal(lut3_cuda.decode_gpu(p, kernel=kernel).cpu().view(torch.int16), every.view(torch.int16))
+    p = codec.packed(codec.encode(every.cuda()))  # escape-dense: lanes past the window's 7
+    assert torch.equal(lut3_cuda.decode_gpu(p).cpu().view(torch.int16), every.view(torch.int16))
 
 
 @pytest.mark.gpu

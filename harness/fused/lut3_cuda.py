@@ -23,11 +23,9 @@ from harness.fused import lut3
 MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to decode + matmul
 _TEMPLATES = (1, 2, 4, 8)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
-_NAMES = [f"lut3_{v}_m{m}" for v in ("gemv", "gemv72", "ref") for m in _TEMPLATES] + ["lut3_decode", "lut3_decode_rows"]
+_NAMES = [f"lut3_{v}_m{m}" for v in ("gemv", "gemv72", "ref") for m in _TEMPLATES] + ["lut3_decode"]
 _NAMES += ["lut3_diag1_m1"]  # bench/lut3_kernel.py only: the escapes left undecoded, to time what they cost
 _kernels: dict | None = None
-# warps per tile by (tiles, iters, tokens), set by tune(); otherwise warps_per_tile's heuristic
-_WARPS: dict[tuple[int, int, int], int] = {}
 
 
 def kernels() -> dict:
@@ -74,43 +72,19 @@ def kernel_resources(name: str) -> dict:
 
 
 def warps_per_tile(tiles: int, iters: int, tokens: int = 1) -> int:
-    """Split-K inside a block: what `tune` measured for this shape, else at least 4 warps per tile and about 4096
-    warps in all (enough loads in flight on 132 SMs; the H200 sweeps in docs/fused.md), at most 16 per block
-    and never more warps than K iterations."""
-    key = (tiles, iters, tokens)
-    if key in _WARPS:
-        return _WARPS[key]
+    """Split-K inside a block: at least 4 warps per tile and about 4096 warps in all at 1-2 tokens, 2048 at more
+    (enough loads in flight on 132 SMs; each token adds registers and work per warp), at most 16 per block and
+    never more warps than K iterations. On the H200 this picks the fastest of 4/8/16 for every Llama-8B matrix at
+    1 and at 8 tokens, timed with the L2 flushed (docs/fused.md). An autotune (CUDA events around back-to-back launches
+    from Python) was tried and dropped: its choices disagreed with the flushed-L2 timings, and with them the
+    fused kernels took 7.2 ms of an 8B step in the model, against 4.6 ms summed per matrix with these."""
+    target = 4096 if tokens <= 2 else 2048
     s = 4
-    while s < 16 and tiles * s < 4096:
+    while s < 16 and tiles * s < target:
         s *= 2
     while s > 1 and s > iters:
         s //= 2
     return s
-
-
-def tune(p: lut3.Lut3, tokens: int, candidates: tuple[int, ...] = (2, 4, 8, 16), repeats: int = 20) -> int:
-    """Time the kernel on `p` at each warps-per-tile candidate (CUDA events) and keep the fastest for its shape.
-    Call before CUDA-graph capture: it synchronizes."""
-    x = torch.randn(tokens, p.shape[1], device=p.device).to(torch.bfloat16)
-    best, best_s = None, float("inf")
-    for w in candidates:
-        if w > p.iters:
-            continue
-        gemv(x, p, warps=w)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(repeats):
-            gemv(x, p, warps=w)
-        b.record()
-        b.synchronize()
-        if a.elapsed_time(b) < best_s:
-            best, best_s = w, a.elapsed_time(b)
-    set_warps(p.tiles, p.iters, tokens, best)
-    return best
-
-
-def set_warps(tiles: int, iters: int, tokens: int, warps: int) -> None:
-    _WARPS[(tiles, iters, tokens)] = warps
 
 
 def _template(m: int) -> int:
@@ -125,11 +99,12 @@ def _check(x2d: torch.Tensor, k: int) -> None:
         raise ValueError(f"lut3 kernel wants contiguous bf16 [M, {k}], got {x2d.dtype} {tuple(x2d.shape)}")
 
 
-# The fused kernel the op launches: "lut3_gemv" (registers as the compiler allocates them) or "lut3_gemv72" (the
-# same code held to 72 registers, for more warps per SM). CODECLLM_LUT3_KERNEL picks one for an A/B run of a whole
-# model; bench/lut3_kernel.py times both per matrix.
+# The fused kernel's two builds: "lut3_gemv" (registers as the compiler allocates them: 64 and a 16-byte spill at
+# 1-2 tokens, 77 at 4-8) and "lut3_gemv72" (the same code held to 72 registers, no spill, more warps per SM). On the
+# H200 the first is faster at 1 token (4.60 against 4.79 ms per Llama-8B step), the second at 8 (5.29 against
+# 5.90): `fused_kernel` picks by tokens. CODECLLM_LUT3_KERNEL names one for an A/B run of a whole model.
 def _chosen(env: str, choices: tuple[str, ...]) -> str:
-    """The kernel an A/B run names in $env, else the first of `choices`."""
+    """The choice an A/B run names in $env, else the first of `choices`."""
     name = os.environ.get(env, choices[0])
     if name not in choices:
         raise ValueError(f"{env}={name!r}: choose one of {', '.join(choices)}")
@@ -137,7 +112,14 @@ def _chosen(env: str, choices: tuple[str, ...]) -> str:
 
 
 FUSED_KERNELS = ("lut3_gemv", "lut3_gemv72")
-FUSED_KERNEL = _chosen("CODECLLM_LUT3_KERNEL", FUSED_KERNELS)
+_FUSED_CHOICE = _chosen("CODECLLM_LUT3_KERNEL", ("auto", *FUSED_KERNELS))
+
+
+def fused_kernel(tokens: int) -> str:
+    if _FUSED_CHOICE != "auto":
+        return _FUSED_CHOICE
+    return "lut3_gemv" if tokens <= 2 else "lut3_gemv72"
+
 
 SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums
 
@@ -164,11 +146,12 @@ def gemv(
     kernel: str | None = None,
 ):
     """x2d @ W.T for M <= 8 tokens, W decoded in registers. `counter` (int64, one element) counts launches.
-    `kernel`: FUSED_KERNEL unless named; "lut3_diag1" is the bench's diagnostic variant (escapes left undecoded:
+    `kernel`: fused_kernel(M) unless named; "lut3_diag1" is the bench's diagnostic variant (escapes left undecoded:
     wrong results on purpose)."""
     _check(x2d, p.shape[1])
     counter = counter if counter is not None else _scratch_counter(x2d.device)
-    return _gemv_launch(kernel or FUSED_KERNEL, x2d, p.shape[0], addresses(p), list(p.lut_words()), counter, warps)
+    kernel = kernel or fused_kernel(x2d.shape[0])
+    return _gemv_launch(kernel, x2d, p.shape[0], addresses(p), list(p.lut_words()), counter, warps)
 
 
 @dataclass
@@ -203,31 +186,23 @@ def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | No
     return y
 
 
-# The decode kernel decode_gpu launches: "lut3_decode" (one warp per tile, 4-byte writes) or "lut3_decode_rows" (a
-# candidate: a warp per DECODE_CHUNK iterations of a tile, whole rows written through shared memory).
-# CODECLLM_LUT3_DECODE picks one for an A/B run; bench/lut3_kernel.py times both.
-DECODE_KERNELS = ("lut3_decode", "lut3_decode_rows")
-DECODE_KERNEL = _chosen("CODECLLM_LUT3_DECODE", DECODE_KERNELS)
-DECODE_CHUNK = 4  # iterations per warp in lut3_decode_rows
+DECODE_CHUNK = 4  # iterations per warp of lut3_decode
 _DECODE_ROW_BYTES = 36 * 4  # lut3_kernel.cu's DECODE_ROW_WORDS: a staged row of 64 bf16, padded
 
 
-def decode_gpu(p: lut3.Lut3, out: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+def decode_gpu(p: lut3.Lut3, out: torch.Tensor | None = None) -> torch.Tensor:
     """W as the kernel decodes it, written out row-major [N, K] by the kernel itself: must equal W bit for bit.
-    `out`: a bf16 [N, K] buffer to write into (else a new one); `kernel`: DECODE_KERNEL unless named."""
+    `out`: a bf16 [N, K] buffer to write into (else a new one)."""
     n, k = p.shape
-    kernel = kernel or DECODE_KERNEL
     out = torch.empty((n, k), dtype=torch.bfloat16, device=p.device) if out is None else out
     if out.shape != (n, k) or out.dtype != torch.bfloat16 or not out.is_contiguous() or out.device != p.device:
         raise ValueError(f"decode_gpu: out must be a contiguous bf16 [{n}, {k}] on {p.device}")
     per_block = 4
-    args = [*addresses(p), *p.lut_words(), out.view(torch.int32), n, k, p.tiles, p.iters]
-    if kernel == "lut3_decode":
-        kernels()[kernel](grid=(-(-p.tiles // per_block), 1, 1), block=(32 * per_block, 1, 1), args=args)
-    else:
-        warps = p.tiles * -(-p.iters // DECODE_CHUNK)
-        kernels()[kernel](grid=(-(-warps // per_block), 1, 1), block=(32 * per_block, 1, 1),
-                          args=[*args, DECODE_CHUNK], shared_mem=per_block * 16 * _DECODE_ROW_BYTES)  # fmt: skip
+    warps = p.tiles * -(-p.iters // DECODE_CHUNK)
+    kernels()["lut3_decode"](grid=(-(-warps // per_block), 1, 1), block=(32 * per_block, 1, 1),
+                             args=[*addresses(p), *p.lut_words(), out.view(torch.int32), n, k, p.tiles, p.iters,
+                                   DECODE_CHUNK],
+                             shared_mem=per_block * 16 * _DECODE_ROW_BYTES)  # fmt: skip
     return out
 
 
@@ -247,7 +222,7 @@ def _scratch_counter(device: torch.device) -> torch.Tensor:
 def lut3_linear(x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int) -> torch.Tensor:
     """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 8 tokens); adds 1 to counts.view(-1)[slot] on the
     device. The weights are addresses, not tensors: see `address`."""
-    return _gemv_launch(FUSED_KERNEL, x2d, n, ptrs, lut, counts.view(-1)[slot:])
+    return _gemv_launch(fused_kernel(x2d.shape[0]), x2d, n, ptrs, lut, counts.view(-1)[slot:])
 
 
 @lut3_linear.register_fake

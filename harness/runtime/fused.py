@@ -178,19 +178,6 @@ class Fused(CachePolicy):
         finally:
             self.runtime.drop(layer)
 
-    def tune(self, tokens: tuple[int, ...]) -> dict[tuple[int, int, int], int]:
-        """Time the kernel's warps per tile once per distinct layer shape at these token counts and keep the
-        fastest (lut3_cuda.tune). It changes the split-K, so the arithmetic: call it before the first generation,
-        never between a run and its reference. Returns {(out, in, tokens): warps}."""
-        chosen, seen = {}, set()
-        for p in self._packed.values():
-            if p.shape in seen:
-                continue
-            seen.add(p.shape)
-            for m in tokens:
-                chosen[(*p.shape, m)] = lut3_cuda.tune(p, m)
-        return chosen
-
     # -- pass boundaries (Python, between graph replays) --------------------------------------------------------
     def begin_pass(self) -> None:
         self._snapshots.append(self._counts.clone())
