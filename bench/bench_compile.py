@@ -116,22 +116,31 @@ def warps_of(rt, batches) -> dict[str, int] | None:
     return {f"{s[0]}x{s[1]}@{b}": lut3_cuda.warps_per_tile(t, i, b) for s, t, i in sorted(shapes) for b in batches}
 
 
-def profile_one(fn, tokens: int, top: int = 12) -> dict:
-    """CUDA time per step by kernel name over one generation (torch.profiler): where a step's time goes."""
+def profile_one(fn, tokens: int, top: int = 12, host: bool = False) -> dict:
+    """CUDA time per step by kernel name over one generation (torch.profiler): where a step's time goes.
+    host: also the host's self time by op (CPU activity), to find host-bound phases such as the eager prefill."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if host else [])]
+    with profile(activities=activities) as prof:
         fn()
         torch.cuda.synchronize()
-    per = {}
+    per, cpu = {}, {}
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
+        # with CPU activity, the host ops that launch kernels carry device time too: count the kernels only
+        if t > 0 and (not host or e.device_type == torch.autograd.DeviceType.CUDA):
             per[e.key[:80]] = (t / tokens, e.count / tokens)
+        if host and e.self_cpu_time_total > 0:
+            cpu[e.key[:80]] = (e.self_cpu_time_total / tokens, e.count / tokens)
     total = sum(t for t, _ in per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"cuda_us_per_step": total, "launches_per_step": sum(c for _, c in per.values()),
-            "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows]}
+    out = {"cuda_us_per_step": total, "launches_per_step": sum(c for _, c in per.values()),
+           "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows]}
+    if host:
+        out["host_self_us_per_step"] = sum(t for t, _ in cpu.values())
+        out["host_top"] = [[k, round(t, 1), round(c, 2)] for k, (t, c) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:top]]
+    return out
 
 
 def main() -> None:
@@ -145,6 +154,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default="bench_compile.jsonl")
     ap.add_argument("--profile", nargs="*", default=[], help="arms to profile (torch.profiler, one generation)")
+    ap.add_argument("--profile-prefill", nargs="*", default=[],
+                    help="arms whose prefill (a one-token generation) to profile, host self time by op included")
     ap.add_argument("--split", action="store_true",
                     help="also time the prefill alone (1 new token) per arm: prefill_s and step_s = the rest per token")
     args = ap.parse_args()
@@ -325,6 +336,8 @@ def main() -> None:
                 row["step_s"] = (med - row["prefill_s"]) / max(1, args.tokens - 1)
             if arm in args.profile:
                 row["profile"] = profile_one(lambda arm=arm: run(arm), args.tokens)
+            if arm in args.profile_prefill:  # one token: the eager prefill alone, host ops included
+                row["profile_prefill"] = profile_one(lambda arm=arm: run(arm, tokens=1), 1, top=20, host=True)
             if rt is not None:
                 snap = rt.stats.snapshot()
                 row.update(decompressions=snap["decompressions"], passes=snap["forward_passes"],
