@@ -170,3 +170,21 @@ def test_cli_refuses_a_non_bf16_model_in_one_line(harness_cli, tmp_path):
     )
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "failed" and "baseline" not in res
+
+
+def test_a_reference_run_leaves_the_next_generations_counts_exact(dense):
+    """reference() counts nothing: a generation inside it (as harness.exactness runs one after the measured phase)
+    must leave no pass marks behind for the next measured generation's counts."""
+    loaded, ref = dense
+    model, runtime = fused_copy(loaded)
+    with runtime.policy.reference():
+        inside = generate(model, loaded.tokenizer)
+    assert torch.equal(inside.logits, ref.logits)  # on the CPU: F.linear on the reference's own W
+    runtime.reset_stats()
+    out = generate(model, loaded.tokenizer)
+    runtime.end_generation()
+    s = runtime.stats.snapshot()
+    assert torch.equal(out.logits, ref.logits)
+    assert s["forward_passes"] == NEW and s["in_kernel_decodes_per_pass"] == [0] * NEW
+    assert s["decompressions_per_pass"] == [LAYERS] * NEW
+    runtime.close()

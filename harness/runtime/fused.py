@@ -180,7 +180,8 @@ class Fused(CachePolicy):
 
     # -- pass boundaries (Python, between graph replays) --------------------------------------------------------
     def begin_pass(self) -> None:
-        self._snapshots.append(self._counts.clone())
+        if self._reference is None:  # the reference counts nothing: no marks for the next generation to misread
+            self._snapshots.append(self._counts.clone())
 
     def clear(self) -> None:
         """End of a generation: read the device counters once (one sync) into the phase's exact counts."""
@@ -207,6 +208,7 @@ class Fused(CachePolicy):
         """Inside: every layer computed by the same kernel fed the uncompressed weight (lut3_cuda.reference_gemv on
         reference_inputs(W)), or by F.linear on W where the compressed path decodes. W is the decoded weight,
         checked against the original's checksum here. Nothing is counted."""
+        self.clear()  # a generation's counts end where the reference begins
         refs: dict[int, lut3_cuda.Reference] = {}
         for layer in self.runtime.linear_layers:
             w = self.runtime.codec.decode(layer.ct)
