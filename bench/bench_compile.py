@@ -135,11 +135,16 @@ def profile_one(fn, tokens: int, top: int = 12, host: bool = False) -> dict:
             cpu[e.key[:80]] = (e.self_cpu_time_total / tokens, e.count / tokens)
     total = sum(t for t, _ in per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
-    out = {"cuda_us_per_step": total, "launches_per_step": sum(c for _, c in per.values()),
-           "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows]}
+    out = {
+        "cuda_us_per_step": total,
+        "launches_per_step": sum(c for _, c in per.values()),
+        "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows],
+    }
     if host:
         out["host_self_us_per_step"] = sum(t for t, _ in cpu.values())
-        out["host_top"] = [[k, round(t, 1), round(c, 2)] for k, (t, c) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:top]]
+        out["host_top"] = [
+            [k, round(t, 1), round(c, 2)] for k, (t, c) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:top]
+        ]
     return out
 
 
@@ -154,10 +159,17 @@ def main() -> None:
     )
     ap.add_argument("--out", default="bench_compile.jsonl")
     ap.add_argument("--profile", nargs="*", default=[], help="arms to profile (torch.profiler, one generation)")
-    ap.add_argument("--profile-prefill", nargs="*", default=[],
-                    help="arms whose prefill (a one-token generation) to profile, host self time by op included")
-    ap.add_argument("--split", action="store_true",
-                    help="also time the prefill alone (1 new token) per arm: prefill_s and step_s = the rest per token")
+    ap.add_argument(
+        "--profile-prefill",
+        nargs="*",
+        default=[],
+        help="arms whose prefill (a one-token generation) to profile, host self time by op included",
+    )
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="also time the prefill alone (1 new token) per arm: prefill_s and step_s = the rest per token",
+    )
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # several compiled models share transformers' code objects
     out = open(args.out, "a")
@@ -325,11 +337,18 @@ def main() -> None:
                     row[f"tokens_equal_{name}"] = g.new_token_ids == ref.new_token_ids
                     row[f"logits_equal_{name}"] = bool(torch.equal(g.logits, ref.logits))
                     row[f"max_dlogit_{name}"] = (g.logits.float() - ref.logits.float()).abs().max().item()
+                    row[f"first_step_differ_{name}"] = first_step_differ(g.logits, ref.logits)
             for name in ("dense_compiled", "dense_eager", "block_eager", "block_compiled"):
                 if name in times and name != arm:
                     r = paired_speed_ratio(times[name], times[arm])
                     row[f"vs_{name}"] = r["speed_ratio"]
                     row[f"vs_{name}_iqr"] = [r["speed_ratio_q1"], r["speed_ratio_q3"]]
+            if rt is not None:  # the counts of the generation just measured (before the split's 1-token runs)
+                snap = rt.stats.snapshot()
+                row.update(decompressions=snap["decompressions"], passes=snap["forward_passes"],
+                           per_pass=sorted(set(snap["decompressions_per_pass"])),
+                           in_kernel_decodes=snap.get("in_kernel_decodes"),
+                           in_kernel_per_pass=sorted(set(snap.get("in_kernel_decodes_per_pass") or [])))  # fmt: skip
             if args.split:  # where a generation's time goes: the (eager) prefill, then the decode steps
                 pre = [timed(lambda arm=arm: run(arm, tokens=1), device)[1].wall_s for _ in range(3)]
                 row["prefill_s"] = quartiles(pre)[1]
@@ -338,15 +357,43 @@ def main() -> None:
                 row["profile"] = profile_one(lambda arm=arm: run(arm), args.tokens)
             if arm in args.profile_prefill:  # one token: the eager prefill alone, host ops included
                 row["profile_prefill"] = profile_one(lambda arm=arm: run(arm, tokens=1), 1, top=20, host=True)
-            if rt is not None:
-                snap = rt.stats.snapshot()
-                row.update(decompressions=snap["decompressions"], passes=snap["forward_passes"],
-                           per_pass=sorted(set(snap["decompressions_per_pass"])),
-                           in_kernel_decodes=snap.get("in_kernel_decodes"),
-                           in_kernel_per_pass=sorted(set(snap.get("in_kernel_decodes_per_pass") or [])))  # fmt: skip
             emit(row)
+    for arm in arms:  # the bytes every fused arm read by address, checked again after all the runs
+        rt = models[arm][2]
+        if rt is not None and getattr(rt.policy, "name", None) == "fused":
+            emit({"event": "integrity_after", "arm": arm, **integrity_after(rt)})
     stack.close()
     out.close()
+
+
+def first_step_differ(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """The first generation step whose logits differ (None: none does): a prefill-only difference reads 0."""
+    if a.shape != b.shape:
+        return 0
+    differ = (a != b).flatten(1).any(dim=1).nonzero()
+    return int(differ[0]) if len(differ) else None
+
+
+def integrity_after(rt) -> dict:
+    """Each layer decoded again (the kernel's own decode) against its original's checksum, and, inside
+    reference(), the reference's own copy of W too: after the timed runs, so that a run whose fused arm and
+    reference part says whether any bytes changed under them."""
+    from harness.codecs.base import checksum
+
+    bad, bad_ref = [], []
+    policy = rt.policy
+    for layer in rt.linear_layers:
+        if checksum(rt.codec.decode(layer.ct)) != layer.ct.checksum:
+            bad.append(layer.name)
+        if policy._reference is not None and checksum(policy._reference_weight(layer)) != layer.ct.checksum:
+            bad_ref.append(layer.name)
+    return {
+        "layers": len(rt.linear_layers),
+        "decode_fails": bad[:8],
+        "decode_fails_n": len(bad),
+        "reference_fails": bad_ref[:8],
+        "reference_fails_n": len(bad_ref),
+    }
 
 
 if __name__ == "__main__":
