@@ -15,6 +15,9 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   fused_eager        the same, eager
   fused_ref_compiled the same policy inside its reference(): the lut3 kernel fed the uncompressed weights, the
                      exactness reference of fused_compiled
+  fused_sliced_compiled, fused_sliced_ref_compiled
+                     the same two with cache.prefill_slices=--prefill-slices: a prompt of up to 8 x that many
+                     tokens is multiplied in the kernel 8 tokens a launch, instead of decoded for cuBLAS
   block_*_emb        the same with the (untied) embedding table compressed too
   dense_compiled_ref dense, compiled, its lookup behind an opaque op: the exactness reference of
                      block_compiled_emb (Inductor fuses a plain lookup into the first RMSNorm, which rounds
@@ -158,6 +161,12 @@ def main() -> None:
         "--arms", nargs="+", default=["dense_eager", "dense_compiled", "block_eager", "block_compiled", "none_compiled"]
     )
     ap.add_argument("--out", default="bench_compile.jsonl")
+    ap.add_argument(
+        "--prefill-slices",
+        type=int,
+        default=4,
+        help="cache.prefill_slices of the fused_sliced_* arms: prompts of up to 8 x this many tokens in the kernel",
+    )
     ap.add_argument("--profile", nargs="*", default=[], help="arms to profile (torch.profiler, one generation)")
     ap.add_argument(
         "--profile-prefill",
@@ -241,8 +250,10 @@ def main() -> None:
                 "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
             }
         )
-    for arm, compile_, reference in (("fused_compiled", True, False), ("fused_eager", False, False),
-                                     ("fused_ref_compiled", True, True)):  # fmt: skip
+    for arm, compile_, reference, slices in (("fused_compiled", True, False, 0), ("fused_eager", False, False, 0),
+                                             ("fused_ref_compiled", True, True, 0),
+                                             ("fused_sliced_compiled", True, False, args.prefill_slices),
+                                             ("fused_sliced_ref_compiled", True, True, args.prefill_slices)):  # fmt: skip
         if arm not in args.arms:
             continue
         t = time.perf_counter()
@@ -251,7 +262,7 @@ def main() -> None:
         have = {c.name for c in sel.chosen} <= set(encoded_lut3)
         rt = compress_model(model, make_codec("fused_lut3"), selection=sel, policy="fused", placement="gpu",
                             precompressed=encoded_lut3 if have else None, captured=compile_, attach=True,
-                            progress=False)  # fmt: skip
+                            policy_options={"prefill_slices": slices}, progress=False)  # fmt: skip
         encoded_lut3.update({layer.name: layer.ct for layer in rt.layers})
         if reference:
             stack.enter_context(rt.policy.reference())
@@ -294,7 +305,13 @@ def main() -> None:
                 outs[arm] = g
         refs = {
             name: outs.get(name)
-            for name in ("dense_compiled", "dense_eager", "dense_compiled_ref", "fused_ref_compiled")
+            for name in (
+                "dense_compiled",
+                "dense_eager",
+                "dense_compiled_ref",
+                "fused_ref_compiled",
+                "fused_sliced_ref_compiled",
+            )
         }
         for arm in arms:
             model, compile_, rt = models[arm]
@@ -338,7 +355,7 @@ def main() -> None:
                     row[f"logits_equal_{name}"] = bool(torch.equal(g.logits, ref.logits))
                     row[f"max_dlogit_{name}"] = (g.logits.float() - ref.logits.float()).abs().max().item()
                     row[f"first_step_differ_{name}"] = first_step_differ(g.logits, ref.logits)
-            for name in ("dense_compiled", "dense_eager", "block_eager", "block_compiled"):
+            for name in ("dense_compiled", "dense_eager", "block_eager", "block_compiled", "fused_compiled"):
                 if name in times and name != arm:
                     r = paired_speed_ratio(times[name], times[arm])
                     row[f"vs_{name}"] = r["speed_ratio"]

@@ -43,6 +43,8 @@ CASES = {
                                           "it needs compress.codec=fused_lut3, not zstd", False),
     "fused_with_embeddings": (["cache=fused", "compress.codec=fused_lut3", "compress.embeddings=true"],
                               "cache=fused serves linear layers only", False),
+    "fused_prefill_slices_negative": (["cache=fused", "compress.codec=fused_lut3", "cache.prefill_slices=-1"],
+                                      "cache.prefill_slices=-1 is invalid; give 0", False),
     "lut3_with_a_float32_model": (["compress.codec=fused_lut3", "model.dtype=float32"],
                                   "compress.codec=fused_lut3 stores bfloat16 weights only, not float32", False),
 }

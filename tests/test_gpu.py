@@ -388,6 +388,39 @@ def test_fused_policy_equals_its_reference_with_exact_counts_on_cuda(arch, promp
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
+def test_fused_prefill_slices_run_the_prompt_in_the_kernel_on_cuda():
+    """cache.prefill_slices: a prompt of up to 8 x S tokens goes through the kernel 8 tokens a launch, so nothing is
+    decoded at all; counts are launches (ceil(tokens / 8) per layer in the prefill, the lm_head's one position:
+    1); logits torch.equal to the reference (which slices the same way) and close to dense."""
+    from harness.exactness import exactness_reference
+    from harness.phases.module import GenerationModule
+
+    loaded, prompts, n = _lut3_llama("wide"), ["The capital of France is"], 4
+    tokens = len(loaded.tokenizer(prompts)["input_ids"][0])
+    assert 8 < tokens <= 32
+    dense = greedy_generate(loaded.model, loaded.tokenizer, prompts, n, n)
+    model = copy.deepcopy(loaded.model)
+    runtime = compress_model(model, make_codec("fused_lut3"), policy="fused", placement="gpu", layers="all",
+                             policy_options={"prefill_slices": 4}, progress=False)  # fmt: skip
+    runtime.reset_stats()
+    out = greedy_generate(model, loaded.tokenizer, prompts, n, n)
+    runtime.end_generation()
+    s = runtime.stats.snapshot()
+    head = {layer.name for layer in runtime.layers if layer.name.endswith("lm_head")}
+    first = {layer.name: 1 if layer.name in head else -(-tokens // 8) for layer in runtime.layers}
+    assert s["decompressions_per_pass"] == [0] * n
+    assert s["in_kernel_decodes_per_pass"] == [sum(first.values())] + [len(runtime.layers)] * (n - 1)
+    assert s["in_kernel_decodes_per_layer"] == {name: f + n - 1 for name, f in first.items()}
+    module = GenerationModule(model, loaded.tokenizer, n, n)
+    assert exactness_reference(module, runtime, prompts, out) is True
+    module.close()
+    diff = (out.logits[0].float() - dense.logits[0].float()).abs().max()
+    assert diff <= 0.05 * dense.logits[0].float().abs().max()  # a wrong slice would be O(1)
+    runtime.close()
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1)
 def test_fused_compiled_replays_with_exact_counts_and_its_reference_on_cuda():
     """generate.compile=true: the op is captured in the CUDA graphs; counts exact from the device counters, logits
     torch.equal to the compiled reference run."""

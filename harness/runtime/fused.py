@@ -2,7 +2,8 @@
 
 With at most `lut3_cuda.MAX_TOKENS` tokens on CUDA (a decode step at batch <= 8), a compressed layer's forward is
 one call of the opaque op `codecllm::lut3_linear` on the compressed bytes in VRAM: no dense weight exists at any
-point. Otherwise (a prefill with more tokens, or the CPU) the weight is decoded (on CUDA by the kernel's own
+point. With `prefill_slices=S`, up to 8 x S tokens (a short prompt's prefill) go through the same op 8 tokens a
+launch. Otherwise (a prefill with more tokens, or the CPU) the weight is decoded (on CUDA by the kernel's own
 decode, lut3_cuda.decode_gpu; on the CPU by lut3.decode) and multiplied by F.linear: ordinary, counted
 decompressions.
 
@@ -120,8 +121,15 @@ class Fused(CachePolicy):
     name = "fused"
     computes_linear = True
 
-    def __init__(self, runtime: CompressedRuntime) -> None:
+    def __init__(self, runtime: CompressedRuntime, prefill_slices: int = 0) -> None:
+        if isinstance(prefill_slices, bool) or not isinstance(prefill_slices, int) or not 0 <= prefill_slices <= 64:
+            raise HarnessError(f"cache.prefill_slices={prefill_slices!r} is invalid; give 0 (decode + F.linear) to 64 "
+                               "(prompts of up to 64 x 8 tokens through the kernel, 8 tokens a launch)")  # fmt: skip
         super().__init__(runtime)
+        # A prefill of up to 8 x prefill_slices tokens on CUDA runs in the kernel, 8 tokens a launch, instead of
+        # decoding every layer for cuBLAS: each launch reads only the compressed bytes, and the eager decode's
+        # per-layer host work (the 8B prefill's cost: docs/fused.md) is replaced by a few op calls.
+        self.prefill_slices = prefill_slices
         device, linear = runtime.device, runtime.linear_layers
         placement = "gpu" if all(layer.ct.payload.device == device for layer in linear) else "cpu"
         check_setup(runtime.codec.name, placement, device, bool(runtime.embedding_layers))
@@ -152,16 +160,12 @@ class Fused(CachePolicy):
     # -- the forward path ------------------------------------------------------------------------------------------
     def linear(self, layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        if x.is_cuda and x2d.shape[0] <= lut3_cuda.MAX_TOKENS:
+        m, per = x2d.shape[0], lut3_cuda.MAX_TOKENS
+        if x.is_cuda and m <= per * max(1, self.prefill_slices):
             x2d = x2d.contiguous()
             n = layer.out_features
-            if self._reference is not None:
-                ref = self._reference[layer.index]
-                y = torch.ops.codecllm.lut3_reference_linear(x2d, self._ref_ptrs[layer.index], n, ref.iters,
-                                                             self._ref_counter)  # fmt: skip
-            else:
-                y = torch.ops.codecllm.lut3_linear(x2d, self._ptrs[layer.index], self._lut[layer.index], n,
-                                                   self._counts, self._slot[layer.index])  # fmt: skip
+            parts = [self._in_kernel(layer, x2d[i : i + per], n) for i in range(0, m, per)]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
             y = y.view(*x.shape[:-1], n)
             return y if layer.bias is None else y + layer.bias
         # More tokens than the kernel takes, or the CPU: decode, then the ordinary matmul.
@@ -177,6 +181,15 @@ class Fused(CachePolicy):
             return F.linear(x, w, layer.bias)
         finally:
             self.runtime.drop(layer)
+
+    def _in_kernel(self, layer: CompressedLinear, x2d: torch.Tensor, n: int) -> torch.Tensor:
+        """One launch, at most 8 tokens: the fused kernel, or inside reference() the same kernel fed W."""
+        if self._reference is not None:
+            ref = self._reference[layer.index]
+            return torch.ops.codecllm.lut3_reference_linear(x2d, self._ref_ptrs[layer.index], n, ref.iters,
+                                                            self._ref_counter)  # fmt: skip
+        return torch.ops.codecllm.lut3_linear(x2d, self._ptrs[layer.index], self._lut[layer.index], n, self._counts,
+                                              self._slot[layer.index])  # fmt: skip
 
     # -- pass boundaries (Python, between graph replays) --------------------------------------------------------
     def begin_pass(self) -> None:
