@@ -138,16 +138,11 @@ def profile_one(fn, tokens: int, top: int = 12, host: bool = False) -> dict:
             cpu[e.key[:80]] = (e.self_cpu_time_total / tokens, e.count / tokens)
     total = sum(t for t, _ in per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
-    out = {
-        "cuda_us_per_step": total,
-        "launches_per_step": sum(c for _, c in per.values()),
-        "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows],
-    }
+    out = {"cuda_us_per_step": total, "launches_per_step": sum(c for _, c in per.values()),
+           "top": [[k, round(t, 1), round(c, 2)] for k, (t, c) in rows]}
     if host:
         out["host_self_us_per_step"] = sum(t for t, _ in cpu.values())
-        out["host_top"] = [
-            [k, round(t, 1), round(c, 2)] for k, (t, c) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:top]
-        ]
+        out["host_top"] = [[k, round(t, 1), round(c, 2)] for k, (t, c) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:top]]
     return out
 
 
@@ -161,24 +156,13 @@ def main() -> None:
         "--arms", nargs="+", default=["dense_eager", "dense_compiled", "block_eager", "block_compiled", "none_compiled"]
     )
     ap.add_argument("--out", default="bench_compile.jsonl")
-    ap.add_argument(
-        "--prefill-slices",
-        type=int,
-        default=4,
-        help="cache.prefill_slices of the fused_sliced_* arms: prompts of up to 8 x this many tokens in the kernel",
-    )
+    ap.add_argument("--prefill-slices", type=int, default=4,
+                    help="cache.prefill_slices of the fused_sliced_* arms: prompts of up to 8 x this many tokens in the kernel")
     ap.add_argument("--profile", nargs="*", default=[], help="arms to profile (torch.profiler, one generation)")
-    ap.add_argument(
-        "--profile-prefill",
-        nargs="*",
-        default=[],
-        help="arms whose prefill (a one-token generation) to profile, host self time by op included",
-    )
-    ap.add_argument(
-        "--split",
-        action="store_true",
-        help="also time the prefill alone (1 new token) per arm: prefill_s and step_s = the rest per token",
-    )
+    ap.add_argument("--profile-prefill", nargs="*", default=[],
+                    help="arms whose prefill (a one-token generation) to profile, host self time by op included")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the prefill alone (1 new token) per arm: prefill_s and step_s = the rest per token")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # several compiled models share transformers' code objects
     out = open(args.out, "a")
@@ -305,13 +289,8 @@ def main() -> None:
                 outs[arm] = g
         refs = {
             name: outs.get(name)
-            for name in (
-                "dense_compiled",
-                "dense_eager",
-                "dense_compiled_ref",
-                "fused_ref_compiled",
-                "fused_sliced_ref_compiled",
-            )
+            for name in ("dense_compiled", "dense_eager", "dense_compiled_ref", "fused_ref_compiled",
+                         "fused_sliced_ref_compiled")  # fmt: skip
         }
         for arm in arms:
             model, compile_, rt = models[arm]
@@ -404,13 +383,8 @@ def integrity_after(rt) -> dict:
             bad.append(layer.name)
         if policy._reference is not None and checksum(policy._reference_weight(layer)) != layer.ct.checksum:
             bad_ref.append(layer.name)
-    return {
-        "layers": len(rt.linear_layers),
-        "decode_fails": bad[:8],
-        "decode_fails_n": len(bad),
-        "reference_fails": bad_ref[:8],
-        "reference_fails_n": len(bad_ref),
-    }
+    return {"layers": len(rt.linear_layers), "decode_fails": bad[:8], "decode_fails_n": len(bad),
+            "reference_fails": bad_ref[:8], "reference_fails_n": len(bad_ref)}  # fmt: skip
 
 
 if __name__ == "__main__":

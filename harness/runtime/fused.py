@@ -126,10 +126,11 @@ class Fused(CachePolicy):
             raise HarnessError(f"cache.prefill_slices={prefill_slices!r} is invalid; give 0 (decode + F.linear) to 64 "
                                "(prompts of up to 64 x 8 tokens through the kernel, 8 tokens a launch)")  # fmt: skip
         super().__init__(runtime)
-        # A prefill of up to 8 x prefill_slices tokens on CUDA runs in the kernel, 8 tokens a launch, instead of
-        # decoding every layer for cuBLAS: each launch reads only the compressed bytes, and the eager decode's
-        # per-layer host work (the 8B prefill's cost: docs/fused.md) is replaced by a few op calls.
-        self.prefill_slices = prefill_slices
+        # The most tokens a forward multiplies in the kernel: a decode step's 8, or with prefill_slices a prefill of
+        # up to 8 x prefill_slices, 8 tokens a launch, instead of decoding every layer for cuBLAS: each launch reads
+        # only the compressed bytes, and the eager decode's per-layer host work (the 8B prefill's cost:
+        # docs/fused.md) is replaced by a few op calls.
+        self._kernel_tokens = lut3_cuda.MAX_TOKENS * max(1, prefill_slices)
         device, linear = runtime.device, runtime.linear_layers
         placement = "gpu" if all(layer.ct.payload.device == device for layer in linear) else "cpu"
         check_setup(runtime.codec.name, placement, device, bool(runtime.embedding_layers))
@@ -161,7 +162,7 @@ class Fused(CachePolicy):
     def linear(self, layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         m, per = x2d.shape[0], lut3_cuda.MAX_TOKENS
-        if x.is_cuda and m <= per * max(1, self.prefill_slices):
+        if x.is_cuda and m <= self._kernel_tokens:
             x2d = x2d.contiguous()
             n = layer.out_features
             parts = [self._in_kernel(layer, x2d[i : i + per], n) for i in range(0, m, per)]
@@ -221,7 +222,6 @@ class Fused(CachePolicy):
         """Inside: every layer computed by the same kernel fed the uncompressed weight (lut3_cuda.reference_gemv on
         reference_inputs(W)), or by F.linear on W where the compressed path decodes. W is the decoded weight,
         checked against the original's checksum here. Nothing is counted."""
-        self.clear()  # a generation's counts end where the reference begins
         refs: dict[int, lut3_cuda.Reference] = {}
         for layer in self.runtime.linear_layers:
             w = self.runtime.codec.decode(layer.ct)
