@@ -18,6 +18,8 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   fused_sliced_compiled, fused_sliced_ref_compiled
                      the same two with cache.prefill_slices=--prefill-slices: a prompt of up to 8 x that many
                      tokens is multiplied in the kernel 8 tokens a launch, instead of decoded for cuBLAS
+  (the fused_* arms compile in Inductor's deterministic mode, as the harness compiles a phase with an exactness
+  reference: harness.generation.deterministic_compile)
   block_*_emb        the same with the (untied) embedding table compressed too
   dense_compiled_ref dense, compiled, its lookup behind an opaque op: the exactness reference of
                      block_compiled_emb (Inductor fuses a plain lookup into the first RMSNorm, which rounds
@@ -265,7 +267,10 @@ def main() -> None:
             model, compile_, rt = models[arm]
             if rt is not None:
                 rt.reset_stats()
-            g = greedy_generate(model, tok, ps, tokens, min_new_tokens=tokens, device=device, compile=compile_)
+            # the fused arms compile in Inductor's deterministic mode, as the harness runs
+            # them: a reference compiled in the default mode could differ from its arm by Inductor's own choices
+            g = greedy_generate(model, tok, ps, tokens, min_new_tokens=tokens, device=device, compile=compile_,
+                                deterministic=arm.startswith("fused"))  # fmt: skip
             if rt is not None:
                 rt.end_generation()
             return g

@@ -39,13 +39,15 @@ def exactness_reference(
     on the reference kernel fed the uncompressed weights (the policy's `reference()`); None where there is no
     such reference (a policy that runs no kernel of its own, nothing compressed, or the CPU, where cache=fused
     decodes and F.linear computes exactly as the dense model does). One generation, with the phase's settings
-    (compiled too)."""
+    (compiled too: in Inductor's deterministic mode, as the compressed phase compiled, or the comparison would
+    also compare two independently tuned compilations)."""
     policy = runtime.policy
     if not hasattr(policy, "reference") or not runtime.layers or runtime.device.type != "cuda":
         return None
     with policy.reference():
         out = greedy_generate(module.model, module.tokenizer, prompts, module.max_new_tokens, module.min_new_tokens,
-                              device=runtime.device, compile=module.compile)  # fmt: skip
+                              device=runtime.device, compile=module.compile,
+                              deterministic=module.deterministic_compile)  # fmt: skip
     if module.compile:  # the reference's graphs hold its inputs: nothing compiled runs after this
         from harness.phases.compiled import release_compiled
 

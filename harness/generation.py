@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,21 @@ def compile_options(device: torch.device) -> dict:
     return {"cache_implementation": "static", "compile_config": config}
 
 
+def deterministic_compile() -> contextlib.AbstractContextManager:
+    """Inductor's deterministic mode for what compiles inside (torch._inductor.config.deterministic). In its default
+    mode Inductor may time several configurations of a kernel on the device and keep the fastest, and for
+    reductions (an RMSNorm's sum, say) configurations can sum in different orders: torch documents the mode as
+    skipping "any on device benchmarking ... if we know they affect numerics". Two compilations of one model can
+    then round differently. An exactness reference that compiles its own graphs tests only the kernel if both
+    sides compile in this mode (docs/fused.md: on the Llama-8B shape the compiled fused run and its compiled
+    reference parted at decode step 38 of 64 in some runs while eager they never did)."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "deterministic"):  # a torch without the mode: nothing to hold still
+        return contextlib.nullcontext()
+    return inductor_config.patch(deterministic=True)
+
+
 @torch.inference_mode()
 def greedy_generate(
     model,
@@ -38,23 +54,27 @@ def greedy_generate(
     min_new_tokens: int | None = None,
     device: torch.device | None = None,
     compile: bool = False,
+    deterministic: bool = False,
 ) -> Generation:
+    """`deterministic`: with `compile`, what compiles here compiles in Inductor's deterministic mode
+    (`deterministic_compile`); graphs compiled earlier replay as they are."""
     # An offloaded model (accelerate cpu_offload) keeps its parameters on "meta": the caller names the device.
     device = device or next(p.device for p in model.parameters())
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    out = model.generate(
-        **(compile_options(device) if compile else {}),
-        **enc,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        return_dict_in_generate=True,
-        output_logits=True,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
+    with deterministic_compile() if compile and deterministic else contextlib.nullcontext():
+        out = model.generate(
+            **(compile_options(device) if compile else {}),
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
     prompt_len = enc["input_ids"].shape[1]
     new = out.sequences[:, prompt_len:]
     ids = [[int(t) for t in row if t != tokenizer.pad_token_id] for row in new.tolist()]

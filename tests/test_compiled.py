@@ -58,6 +58,32 @@ def run_compressed(loaded, policy, compile, generations=2, **kw):
     return outs, counts, mode
 
 
+def test_deterministic_compile_holds_inductor_still_only_inside():
+    import torch._inductor.config as inductor_config
+
+    from harness.generation import deterministic_compile
+
+    before = inductor_config.deterministic
+    with deterministic_compile():
+        assert inductor_config.deterministic is True
+    assert inductor_config.deterministic == before
+
+
+def test_a_decoding_policy_compiles_in_the_default_mode(dense):
+    """Only a policy with an exactness reference (cache=fused) compiles in Inductor's deterministic mode."""
+    from harness.phases.module import GenerationModule
+
+    loaded = dense[0]
+    model = copy.deepcopy(loaded.model)
+    runtime = compress_model(model, make_codec("zstd_grouped"), policy="block", layers="all", progress=False,
+                             captured=True, attach=False)  # fmt: skip
+    module = GenerationModule(model, loaded.tokenizer, NEW, NEW, compile=True)
+    module.runtime = runtime
+    assert not module.deterministic_compile
+    module.close()
+    runtime.close()
+
+
 def test_dense_compiles_and_repeats_itself(dense):
     _, first, second, mode = dense
     assert mode == "inductor"  # really compiled (dynamo built graphs), no CUDA graphs on the CPU

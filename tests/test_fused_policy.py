@@ -27,8 +27,9 @@ NEW = 5
 LAYERS = 2 * 7 + 1  # tiny Llama: 2 blocks x 7 linear layers + the untied lm_head
 
 
-def generate(model, tokenizer, compile=False):
-    return greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=NEW, min_new_tokens=NEW, compile=compile)
+def generate(model, tokenizer, compile=False, deterministic=False):
+    return greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=NEW, min_new_tokens=NEW, compile=compile,
+                           deterministic=deterministic)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +76,22 @@ def test_verify_never_leaves_losslessness_unestablished(dense):
 def test_compiled_counts_and_outputs_equal_the_eager_policy(dense):
     """generate.compile=true on the CPU: the decode steps are traced, so their decodes run in the opaque op
     codecllm::lut3_dense and are counted on the device. Logits bit-exact with the compiled dense model, and the
-    same counts as eager."""
+    same counts as eager. The compressed side compiles as the harness compiles a phase with an exactness reference:
+    in Inductor's deterministic mode (the dense side in the default mode)."""
     loaded, _ = dense
     ref = generate(loaded.model, loaded.tokenizer, compile=True)
     release_compiled(loaded.model)
     model, runtime = fused_copy(loaded, captured=True)
+    module = GenerationModule(model, loaded.tokenizer, NEW, NEW, compile=True)
+    assert not module.deterministic_compile  # the baseline phase: no runtime yet
+    module.runtime = runtime
+    assert module.deterministic_compile
+    module.close()
     reset_compile_counters()
     try:
         for _ in range(2):
             runtime.reset_stats()
-            out = generate(model, loaded.tokenizer, compile=True)
+            out = generate(model, loaded.tokenizer, compile=True, deterministic=True)
             runtime.end_generation()
             assert out.new_token_ids == ref.new_token_ids and torch.equal(out.logits, ref.logits)
             s = runtime.stats.snapshot()

@@ -46,6 +46,13 @@ class GenerationModule(L.LightningModule):
         self._hooks = forward_pass_hooks(model, lambda: (m := ref()) and m._dispatch("on_forward_pass_start"),
                                          lambda: (m := ref()) and m._dispatch("on_forward_pass_end"))
 
+    @property
+    def deterministic_compile(self) -> bool:
+        """A compressed phase whose policy has an exactness reference compiles as the reference will
+        (harness.generation.deterministic_compile), so that the two graphs differ only in the kernel. The baseline
+        compiles in Inductor's default mode, as a speed-minded user runs it."""
+        return self.runtime is not None and hasattr(self.runtime.policy, "reference")
+
     def close(self) -> None:
         """Remove the hooks from the wrapped model."""
         for hook in self._hooks:
@@ -78,4 +85,5 @@ class GenerationModule(L.LightningModule):
             min_new_tokens=self.min_new_tokens,
             device=self.trainer.strategy.root_device,
             compile=self.compile,
+            deterministic=self.deterministic_compile,
         )
