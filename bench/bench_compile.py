@@ -267,10 +267,10 @@ def main() -> None:
             model, compile_, rt = models[arm]
             if rt is not None:
                 rt.reset_stats()
-            # the fused arms compile in Inductor's deterministic mode, as the harness runs
-            # them: a reference compiled in the default mode could differ from its arm by Inductor's own choices
+            # the harness's rule (GenerationModule.deterministic_compile): a policy with an exactness reference
+            # compiles in Inductor's deterministic mode, or its reference could differ by Inductor's own choices
             g = greedy_generate(model, tok, ps, tokens, min_new_tokens=tokens, device=device, compile=compile_,
-                                deterministic=arm.startswith("fused"))  # fmt: skip
+                                deterministic=rt is not None and hasattr(rt.policy, "reference"))  # fmt: skip
             if rt is not None:
                 rt.end_generation()
             return g

@@ -143,15 +143,13 @@ def main() -> None:
     for batch in args.batch:
         ps, res = prompts(batch), {}
         for name, (model, compile_, rt) in arms.items():
-            for i in range(3 if compile_ else 2):  # compiled: from the second generation on, graphs replay
+            gens = []
+            for _ in range(3 if compile_ else 2):  # compiled: from the second generation on, graphs replay
                 rt.reset_stats()
-                g = greedy_generate(model, tok, ps, args.tokens, args.tokens, device=dev, compile=compile_,
-                                    deterministic=not args.inductor_default)  # fmt: skip
+                gens.append(greedy_generate(model, tok, ps, args.tokens, args.tokens, device=dev, compile=compile_,
+                                            deterministic=not args.inductor_default))  # fmt: skip
                 rt.end_generation()
-                if i == (1 if compile_ else 0):
-                    res[name] = g
-                elif i > 0:
-                    res[f"{name}_again"] = g  # the same arm once more: is the run itself deterministic?
+            res[name], res[f"{name}_again"] = gens[-2:]  # the same arm once more: is the run itself deterministic?
         for a, b in (("fused_e", "ref_e"), ("fused_c", "ref_c"), ("fused_c", "fused_e"), ("ref_c", "ref_e"),
                      *((n, f"{n}_again") for n in arms)):  # fmt: skip
             first = first_step_differ(res[a].logits, res[b].logits)
