@@ -12,6 +12,7 @@ CUDA states both directly, and torch ships NVRTC, so nothing is built at install
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from harness.fused import lut3
+from harness.fused.launch import INT, PTR, Launch
 
 MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to decode + matmul
 _TEMPLATES = (1, 2, 4, 8)
@@ -124,8 +126,38 @@ def fused_kernel(tokens: int) -> str:
 SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums
 
 
+def _prepared(name: str, tiles: int, warps: int, args: list) -> Launch:
+    return Launch(kernels()[name], (tiles, 1, 1), (32 * warps, 1, 1), SMEM_PER_WARP_BYTES * warps, args)
+
+
 def _launch(name: str, tiles: int, warps: int, args: list) -> None:
-    kernels()[name](grid=(tiles, 1, 1), block=(32 * warps, 1, 1), args=args, shared_mem=SMEM_PER_WARP_BYTES * warps)
+    _prepared(name, tiles, warps, args)()
+
+
+class Gemv:
+    """The fused kernel for one matrix with its launches prepared (one per token template, built on first use):
+    `Gemv(...)(x2d)` is `x2d @ W.T` for M <= 8 with a few microseconds of host time, for the eager paths that run
+    per layer (a prefill in 8-token slices, the eager fused runtime). `ptrs`: `addresses(p)`; `lut`:
+    `p.lut_words()`; `counter`: the address of the int64 the kernel adds 1 to per launch."""
+
+    def __init__(self, ptrs: list[int], lut: list[int], n: int, k: int, counter: int, warps: int | None = None):
+        self.n, self.k, self._warps = n, k, warps
+        self.tiles, self.iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
+        self._args = [PTR, INT, k, *ptrs, *lut, PTR, n, self.iters, ctypes.c_void_p(counter)]
+        self._launches: dict[int, Launch] = {}
+
+    def launch(self, m: int) -> Launch:
+        t = _template(m)
+        if t not in self._launches:
+            warps = self._warps or warps_per_tile(self.tiles, self.iters, t)  # one count per template (see there)
+            self._launches[t] = _prepared(f"{fused_kernel(t)}_m{t}", self.tiles, warps, self._args)
+        return self._launches[t]
+
+    def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
+        m = x2d.shape[0]
+        y = torch.empty((m, self.n), dtype=torch.bfloat16, device=x2d.device)
+        self.launch(m)(x2d, m, y)
+        return y
 
 
 def _gemv_launch(kernel: str, x2d, n: int, ptrs: list[int], lut: list[int], counter, warps=None):
@@ -190,20 +222,32 @@ DECODE_CHUNK = 4  # iterations per warp of lut3_decode
 _DECODE_ROW_BYTES = 36 * 4  # lut3_kernel.cu's DECODE_ROW_WORDS: a staged row of 64 bf16, padded
 
 
+class Decode:
+    """The kernel's decode of one matrix with its launch prepared: `Decode(p)(out=None)` writes W row-major
+    [N, K], bit for bit (the eager prefill's per-layer decode: a few microseconds of host time per call)."""
+
+    def __init__(self, p: lut3.Lut3) -> None:
+        n, k = p.shape
+        self.shape, self.device = (n, k), p.device
+        per_block = 4
+        warps = p.tiles * -(-p.iters // DECODE_CHUNK)
+        self._launch = Launch(kernels()["lut3_decode"], (-(-warps // per_block), 1, 1), (32 * per_block, 1, 1),
+                              per_block * 16 * _DECODE_ROW_BYTES,
+                              [*addresses(p), *p.lut_words(), PTR, n, k, p.tiles, p.iters, DECODE_CHUNK])  # fmt: skip
+
+    def __call__(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = self.shape
+        out = torch.empty((n, k), dtype=torch.bfloat16, device=self.device) if out is None else out
+        if out.shape != (n, k) or out.dtype != torch.bfloat16 or not out.is_contiguous() or out.device != self.device:
+            raise ValueError(f"decode_gpu: out must be a contiguous bf16 [{n}, {k}] on {self.device}")
+        self._launch(out)
+        return out
+
+
 def decode_gpu(p: lut3.Lut3, out: torch.Tensor | None = None) -> torch.Tensor:
     """W as the kernel decodes it, written out row-major [N, K] by the kernel itself: must equal W bit for bit.
     `out`: a bf16 [N, K] buffer to write into (else a new one)."""
-    n, k = p.shape
-    out = torch.empty((n, k), dtype=torch.bfloat16, device=p.device) if out is None else out
-    if out.shape != (n, k) or out.dtype != torch.bfloat16 or not out.is_contiguous() or out.device != p.device:
-        raise ValueError(f"decode_gpu: out must be a contiguous bf16 [{n}, {k}] on {p.device}")
-    per_block = 4
-    warps = p.tiles * -(-p.iters // DECODE_CHUNK)
-    kernels()["lut3_decode"](grid=(-(-warps // per_block), 1, 1), block=(32 * per_block, 1, 1),
-                             args=[*addresses(p), *p.lut_words(), out.view(torch.int32), n, k, p.tiles, p.iters,
-                                   DECODE_CHUNK],
-                             shared_mem=per_block * 16 * _DECODE_ROW_BYTES)  # fmt: skip
-    return out
+    return Decode(p)(out)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
