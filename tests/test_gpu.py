@@ -330,6 +330,26 @@ def test_every_fused_kernel_equals_the_reference_kernel(tokens):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
+def test_prepared_gemv_equals_the_op_and_counts_its_launches():
+    """lut3_cuda.Gemv (launches prepared once, the eager paths' route) gives the op's output bit for bit at every
+    token count, and adds 1 per launch to the int64 at its counter address; reused, it rewrites only x, M and y."""
+    from harness.fused import lut3, lut3_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = (torch.randn(300, 1024, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    p = lut3.encode(w)
+    counts = torch.zeros(4, dtype=torch.int64, device="cuda")
+    prepared = lut3_cuda.Gemv(lut3_cuda.addresses(p), list(p.lut_words()), *p.shape, counts.data_ptr() + 2 * 8)
+    for tokens in range(1, 9):
+        x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
+        want = torch.ops.codecllm.lut3_linear(x, lut3_cuda.addresses(p), list(p.lut_words()), 300, counts, 0)
+        assert torch.equal(prepared(x), want), tokens
+        assert torch.equal(prepared(x), want), tokens  # the same prepared launch, called again
+    assert counts.tolist() == [8, 0, 16, 0]
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1)
 def test_lut3_decode_gpu_keeps_every_bit_pattern():
     from harness.fused import lut3_cuda
 

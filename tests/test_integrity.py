@@ -116,3 +116,20 @@ def test_a_corrupted_layer_stops_generation(tiny, policy):
         with pytest.raises(IntegrityError, match=victim.name):
             generate(loaded, model)
         runtime.end_generation()
+
+
+def test_a_policys_own_decode_is_checked_and_counted_like_the_codecs(tiny):
+    """cache=fused hands runtime.decompress its prepared decode (`decode=`): that weight is verified against the
+    original's checksum and counted exactly as the codec's would be; a wrong one never becomes a weight."""
+    loaded, _ = tiny
+    _, runtime = compressed(loaded)
+    checker = CompressedRuntime(runtime.codec, verify="always")
+    layer = runtime.layers[0]
+    right = runtime.codec.decode(layer.ct)
+    w = checker.decompress(layer, CPU, decode=lambda: right)
+    assert w is right and checker.stats.decompressions == 1 and checker.stats.verifications == 1
+    checker.drop(layer)
+    wrong = right.clone()
+    wrong.view(torch.int16).view(-1)[0] ^= 1
+    with pytest.raises(IntegrityError, match=layer.name):
+        checker.decompress(layer, CPU, decode=lambda: wrong)

@@ -79,12 +79,22 @@ class CompressedRuntime:
         self._hooks: list[Any] = []
 
     # -- the two operations every policy is built from ------------------------------------------------------
-    def decompress(self, layer: CompressedLinear, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's dense weight on `device`, written into `out` when given (a scratch-buffer view)."""
+    def decompress(
+        self,
+        layer: CompressedLinear,
+        device: torch.device,
+        out: torch.Tensor | None = None,
+        decode: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The layer's dense weight on `device`, written into `out` when given (a scratch-buffer view).
+        `decode`: the policy's own prepared decode of this layer on `device` (cache=fused keeps one per layer, so
+        that an eager prefill does not rebuild the codec's views and launch per layer), else the codec's."""
         start = time.perf_counter()
         ct = layer.ct
         with self._corruption_named(layer.name):
-            if self.codec.decode_device == "cpu" and device.type == "cuda":
+            if decode is not None:
+                w = decode()
+            elif self.codec.decode_device == "cpu" and device.type == "cuda":
                 # CPU codec feeding a GPU: decode into pinned staging (torch's caching host allocator reuses it
                 # once the copy that reads it has finished), then an async host-to-device copy.
                 staging = torch.empty(ct.shape, dtype=ct.torch_dtype, pin_memory=True)

@@ -5,7 +5,8 @@ one call of the opaque op `codecllm::lut3_linear` on the compressed bytes in VRA
 point. With `prefill_slices=S`, up to 8 x S tokens (a short prompt's prefill) go through the same op 8 tokens a
 launch. Otherwise (a prefill with more tokens, or the CPU) the weight is decoded (on CUDA by the kernel's own
 decode, lut3_cuda.decode_gpu; on the CPU by lut3.decode) and multiplied by F.linear: ordinary, counted
-decompressions.
+decompressions. Eager, both routes launch from arguments the policy prepared once per layer (lut3_cuda.Gemv,
+lut3_cuda.Decode), because an eager prefill pays the host cost of every layer's launch.
 
 Counters. Each kernel launch adds 1 to its layer's slot of a device tensor (inside a CUDA graph too), so
 `in_kernel_decodes` per pass and per layer stay exact under replay; the host reads them once per generation
@@ -140,17 +141,25 @@ class Fused(CachePolicy):
         self._ptrs: dict[int, list[int]] = {}  # the parts' addresses (constants in a traced graph, like the tables)
         self._lut: dict[int, list[int]] = {}  # the kernel's PRMT tables (baked into a traced graph as constants)
         self._slot: dict[int, int] = {}  # where the layer's launches count in the flattened device counts
-        for layer in linear:
-            p = self._packed[layer.index] = runtime.codec.packed(layer.ct)
-            self._lut[layer.index] = list(p.lut_words())
-            self._slot[layer.index] = IN_KERNEL * n + layer.index
-            if p.signman.is_cuda:
-                self._ptrs[layer.index] = lut3_cuda.addresses(p)
-        self._tiles = [-(-layer.ct.shape[0] // lut3.TILE_ROWS) if layer.index in self._packed else 0
-                       for layer in runtime.layers]  # fmt: skip
         self._counts = torch.zeros((3, n), dtype=torch.int64, device=device)  # [decodes, bytes, in-kernel]
         self._ref_counter = torch.zeros(1, dtype=torch.int64, device=device)
         _static(self._counts, self._ref_counter)
+        # Eager calls (a prefill: one per layer) go straight to launches prepared here, not through the op or the
+        # codec: the op's dispatch and the codec's per-call views and launch cost the host ~100 us a layer.
+        self._gemv: dict[int, lut3_cuda.Gemv] = {}
+        self._decode: dict[int, lut3_cuda.Decode] = {}
+        for layer in linear:
+            p = self._packed[layer.index] = runtime.codec.packed(layer.ct)
+            self._lut[layer.index] = list(p.lut_words())
+            self._slot[layer.index] = slot = IN_KERNEL * n + layer.index
+            if p.signman.is_cuda:
+                self._ptrs[layer.index] = lut3_cuda.addresses(p)
+                counter = self._counts.data_ptr() + slot * self._counts.element_size()
+                self._gemv[layer.index] = lut3_cuda.Gemv(self._ptrs[layer.index], self._lut[layer.index], *p.shape,
+                                                         counter)  # fmt: skip
+                self._decode[layer.index] = lut3_cuda.Decode(p)
+        self._tiles = [-(-layer.ct.shape[0] // lut3.TILE_ROWS) if layer.index in self._packed else 0
+                       for layer in runtime.layers]  # fmt: skip
         self._snapshots: list[torch.Tensor] = []  # counts at the start of each pass of this generation
         self._reference: dict[int, lut3_cuda.Reference] | None = None
         self._ref_ptrs: dict[int, list[int]] = {}
@@ -177,7 +186,7 @@ class Fused(CachePolicy):
             w = torch.ops.codecllm.lut3_dense(p.signman, p.codes, p.esc_exp, p.esc_off, list(p.exponents), *p.shape,
                                               self._counts, layer.index, layer.weight_nbytes)  # fmt: skip
             return F.linear(x, w, layer.bias)
-        w = self.runtime.decompress(layer, x.device)
+        w = self.runtime.decompress(layer, x.device, decode=self._decode.get(layer.index) if x.is_cuda else None)
         try:
             return F.linear(x, w, layer.bias)
         finally:
@@ -189,6 +198,8 @@ class Fused(CachePolicy):
             ref = self._reference[layer.index]
             return torch.ops.codecllm.lut3_reference_linear(x2d, self._ref_ptrs[layer.index], n, ref.iters,
                                                             self._ref_counter)  # fmt: skip
+        if not torch.compiler.is_compiling():  # eager: the same launch as the op's, prepared (see __init__)
+            return self._gemv[layer.index](x2d)
         return torch.ops.codecllm.lut3_linear(x2d, self._ptrs[layer.index], self._lut[layer.index], n, self._counts,
                                               self._slot[layer.index])  # fmt: skip
 
@@ -215,6 +226,7 @@ class Fused(CachePolicy):
     def close(self) -> None:
         self.clear()
         self._packed, self._ptrs, self._lut, self._slot, self._reference = {}, {}, {}, {}, None
+        self._gemv, self._decode = {}, {}
 
     # -- the exactness reference -----------------------------------------------------------------------------------
     @contextmanager
