@@ -121,6 +121,19 @@ def warps_of(rt, batches) -> dict[str, int] | None:
     return {f"{s[0]}x{s[1]}@{b}": lut3_cuda.warps_per_tile(t, i, b) for s, t, i in sorted(shapes) for b in batches}
 
 
+def jsonl_writer(path: str):
+    """emit(row): the row appended to `path` as a JSON line, flushed (a run killed at its time limit keeps every
+    row it measured), and printed without its lists."""
+    out = open(path, "a")
+
+    def emit(row: dict) -> None:
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
+
+    return emit
+
+
 def profile_one(fn, tokens: int, top: int = 12, host: bool = False) -> dict:
     """CUDA time per step by kernel name over one generation (torch.profiler): where a step's time goes.
     host: also the host's self time by op (CPU activity), to find host-bound phases such as the eager prefill."""
@@ -167,13 +180,7 @@ def main() -> None:
                     help="also time the prefill alone (1 new token) per arm: prefill_s and step_s = the rest per token")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # several compiled models share transformers' code objects
-    out = open(args.out, "a")
-
-    def emit(row):
-        out.write(json.dumps(row) + "\n")
-        out.flush()
-        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
-
+    emit = jsonl_writer(args.out)
     device = torch.device("cuda")
     card = torch.cuda.get_device_name(device)
     t = time.perf_counter()
@@ -364,7 +371,6 @@ def main() -> None:
         if rt is not None and getattr(rt.policy, "name", None) == "fused":
             emit({"event": "integrity_after", "arm": arm, **integrity_after(rt)})
     stack.close()
-    out.close()
 
 
 def first_step_differ(a: torch.Tensor, b: torch.Tensor) -> int | None:
