@@ -18,6 +18,10 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   fused_sliced_compiled, fused_sliced_ref_compiled
                      the same two with cache.prefill_slices=--prefill-slices: a prompt of up to 8 x that many
                      tokens is multiplied in the kernel 8 tokens a launch, instead of decoded for cuBLAS
+  fused_lane_compiled, fused_chunk_compiled, fused_prefetch_compiled
+                     fused_compiled with cache.kernel=lane|chunk|prefetch (the fused kernel's families): an A/B of
+                     the kernels inside the whole model; each family's logits must equal fused_compiled's and
+                     fused_lane_compiled's (the same arithmetic), and speeds are paired against both
   (the fused_* arms compile in Inductor's deterministic mode, as the harness compiles a phase with an exactness
   reference: harness.generation.deterministic_compile)
   block_*_emb        the same with the (untied) embedding table compressed too
@@ -243,10 +247,15 @@ def main() -> None:
                 "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
             }
         )
-    for arm, compile_, reference, slices in (("fused_compiled", True, False, 0), ("fused_eager", False, False, 0),
-                                             ("fused_ref_compiled", True, True, 0),
-                                             ("fused_sliced_compiled", True, False, args.prefill_slices),
-                                             ("fused_sliced_ref_compiled", True, True, args.prefill_slices)):  # fmt: skip
+    for arm, compile_, reference, slices, kernel in (("fused_compiled", True, False, 0, "auto"),
+                                                     ("fused_eager", False, False, 0, "auto"),
+                                                     ("fused_ref_compiled", True, True, 0, "auto"),
+                                                     ("fused_sliced_compiled", True, False, args.prefill_slices, "auto"),
+                                                     ("fused_sliced_ref_compiled", True, True, args.prefill_slices, "auto"),
+                                                     # the kernel families (cache.kernel), paired with fused_compiled
+                                                     ("fused_lane_compiled", True, False, 0, "lane"),
+                                                     ("fused_chunk_compiled", True, False, 0, "chunk"),
+                                                     ("fused_prefetch_compiled", True, False, 0, "prefetch")):  # fmt: skip
         if arm not in args.arms:
             continue
         t = time.perf_counter()
@@ -255,7 +264,7 @@ def main() -> None:
         have = {c.name for c in sel.chosen} <= set(encoded_lut3)
         rt = compress_model(model, make_codec("fused_lut3"), selection=sel, policy="fused", placement="gpu",
                             precompressed=encoded_lut3 if have else None, captured=compile_, attach=True,
-                            policy_options={"prefill_slices": slices}, progress=False)  # fmt: skip
+                            policy_options={"prefill_slices": slices, "kernel": kernel}, progress=False)  # fmt: skip
         encoded_lut3.update({layer.name: layer.ct for layer in rt.layers})
         if reference:
             stack.enter_context(rt.policy.reference())
@@ -302,7 +311,7 @@ def main() -> None:
         refs = {
             name: outs.get(name)
             for name in ("dense_compiled", "dense_eager", "dense_compiled_ref", "fused_ref_compiled",
-                         "fused_sliced_ref_compiled")  # fmt: skip
+                         "fused_sliced_ref_compiled", "fused_compiled", "fused_lane_compiled")  # fmt: skip
         }
         for arm in arms:
             model, compile_, rt = models[arm]
@@ -346,7 +355,8 @@ def main() -> None:
                     row[f"logits_equal_{name}"] = bool(torch.equal(g.logits, ref.logits))
                     row[f"max_dlogit_{name}"] = (g.logits.float() - ref.logits.float()).abs().max().item()
                     row[f"first_step_differ_{name}"] = first_step_differ(g.logits, ref.logits)
-            for name in ("dense_compiled", "dense_eager", "block_eager", "block_compiled", "fused_compiled"):
+            for name in ("dense_compiled", "dense_eager", "block_eager", "block_compiled", "fused_compiled",
+                         "fused_lane_compiled"):
                 if name in times and name != arm:
                     r = paired_speed_ratio(times[name], times[arm])
                     row[f"vs_{name}"] = r["speed_ratio"]

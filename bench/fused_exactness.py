@@ -2,8 +2,8 @@
 
     python bench/fused_exactness.py --shape llama_8b --tokens 16 --out fused_exactness_8b.jsonl
 
-  kernel  every Llama-8B matrix shape, random normal(0, 0.02) bf16, M = 1, 2, 3, 6, 8 tokens: both fused builds
-          (lut3_gemv, lut3_gemv72) against the reference kernel at the default warps per tile (differing output
+  kernel  every Llama-8B matrix shape, random normal(0, 0.02) bf16, M = 1, 2, 3, 6, 8 tokens: every fused build
+          (lut3_cuda.FUSED_KERNELS) against the reference kernel at the default warps per tile (differing output
           elements), and the decode kernel against W;
   layers  every layer of the model through the policy (Fused.linear) at 1, 8 and 24 tokens, fused against
           reference(), and the reference's own W against the kernel's decode;

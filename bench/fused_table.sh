@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The fused tables of docs/fused.md, one GPU:
-#   bash bench/fused_table.sh [kernel|1b|8b|all] [out-dir]
+#   bash bench/fused_table.sh [kernel|families|families-8b|1b|8b|all] [out-dir]
 # kernel: bench/lut3_kernel.py (every matrix shape against cuBLAS and the exactness reference, M=1 and 8, with the
 #         diagnostic variants that split the time);
+# families: the same on the 8B matrices (and 1B's gate/up) at 4/8/16 warps, every build of every kernel family
+#         (lane, chunk, prefetch) timed side by side (~6 min);
+# families-8b: the families inside the whole 8B model, b=1, arms alternated (bench_compile.py; ~7 min); each
+#         family's logits must equal fused_compiled's. (Two device calls: each fits in 10 minutes alone.)
 # 1b/8b:  bench/bench_compile.py, one process per shape: dense compiled, block compiled (decompress-then-matmul),
 #         fused compiled and its exactness reference, arms alternated in rounds, b=1 and b=8.
 set -euo pipefail
@@ -12,6 +16,14 @@ out="${2:-.}"
 mkdir -p "$out"
 if [[ "$which" == kernel || "$which" == all ]]; then
   python bench/lut3_kernel.py --out "$out/lut3_kernel.jsonl"
+fi
+if [[ "$which" == families ]]; then
+  python bench/lut3_kernel.py --only 8b.q_o,8b.k_v,8b.gate_up,8b.down,8b.lm_head,1b.gate_up --ms 1,8 --warps 4,8,16 \
+    --budget-s 420 --out "$out/lut3_families.jsonl"
+fi
+if [[ "$which" == families-8b ]]; then
+  python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 5 \
+    --arms dense_compiled fused_lane_compiled fused_chunk_compiled fused_prefetch_compiled --out "$out/fused_families_8b.jsonl"
 fi
 # rounds: 5 at 1B (~4 min), 3 at 8B (~9 min, inside a 10-minute device call); --split times the eager prefill
 # alone, --profile-prefill says where the fused arm's prefill time goes.

@@ -45,6 +45,8 @@ CASES = {
                               "cache=fused serves linear layers only", False),
     "fused_prefill_slices_negative": (["cache=fused", "compress.codec=fused_lut3", "cache.prefill_slices=-1"],
                                       "cache.prefill_slices=-1 is invalid; give 0", False),
+    "fused_kernel_unknown": (["cache=fused", "compress.codec=fused_lut3", "cache.kernel=fast"],
+                             "cache.kernel='fast' is invalid; valid: auto, lane, chunk, prefetch", False),
     "lut3_with_a_float32_model": (["compress.codec=fused_lut3", "model.dtype=float32"],
                                   "compress.codec=fused_lut3 stores bfloat16 weights only, not float32", False),
 }

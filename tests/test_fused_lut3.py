@@ -21,9 +21,10 @@ def _bits(w: torch.Tensor) -> torch.Tensor:
     return w.view(torch.int16)
 
 
-def _kernel_decode(p: lut3.Lut3) -> torch.Tensor:
-    """The kernel's whole decode, emulated (escapes included: windows, rank selectors, the byte-by-byte path)."""
-    return lut3._unstream(lut3.emulate_decode(p), p.tiles, p.iters)[: p.shape[0]].contiguous()
+def _kernel_decode(p: lut3.Lut3, chunk: bool = False) -> torch.Tensor:
+    """The kernel's whole decode, emulated (escapes included: windows, rank selectors, the byte-by-byte path);
+    `chunk`: the windows fetched as the lut3_gemvc* kernels do."""
+    return lut3._unstream(lut3.emulate_decode(p, chunk=chunk), p.tiles, p.iters)[: p.shape[0]].contiguous()
 
 
 @pytest.mark.parametrize("shape", [(16, 64), (40, 128), (100, 576), (33, 192)])
@@ -32,6 +33,38 @@ def test_round_trip_and_kernel_decode_are_bit_exact(shape):
     p = lut3.encode(w)
     assert torch.equal(_bits(lut3.decode(p)), _bits(w))
     assert torch.equal(_kernel_decode(p), _bits(w))
+    assert torch.equal(_kernel_decode(p, chunk=True), _bits(w))
+
+
+def _lane_positions(p: lut3.Lut3) -> torch.Tensor:
+    c = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & 0xFFFFFFFF
+    count = sum(lut3._popc(f) for f in lut3.escape_flags(c[0], c[1], c[2]))
+    return p.esc_off[:-1].to(torch.int64).reshape(p.tiles, p.iters, 1) + torch.cumsum(count, -1) - count
+
+
+@pytest.mark.parametrize("spread", [0, 4, 10])
+def test_warp_fetched_windows_equal_each_lanes_own(spread):
+    """The lut3_gemvc* kernels' windows (one word per lane from the iteration's offset, then shuffles) hold the same
+    bytes as a lane's own loads, where they come from the chunk and where the lane falls back (escape-dense
+    iterations); the last iterations' chunks run past the list's end, where the words read as 0."""
+    w = _normal(64, 512, seed=11 + spread)
+    if spread:  # exponents over 2 x spread values: many escapes per iteration
+        g = torch.Generator().manual_seed(spread)
+        w = (w.float() * torch.exp2(torch.randint(-spread, spread, w.shape, generator=g).float())).to(torch.bfloat16)
+    p = lut3.encode(w)
+    pos = _lane_positions(p)
+    lo, hi, own = lut3.chunk_windows(p, pos)
+    ex = p.esc_exp.to(torch.int64)
+    want_lo = sum(ex[pos + b] << (8 * b) for b in range(4))
+    want_hi = sum(ex[pos + 4 + b] << (8 * b) for b in range(3))
+    assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
+    if spread:  # escape-dense: both paths in one tensor
+        assert bool(own.any()) and not bool(own.all())
+    else:
+        assert not bool(own.any())
+        last_cb = int(p.esc_off[-2])  # the last chunk runs past the list: the guard's zero words are read
+        assert (last_cb >> 2) + lut3.CHUNK_WORDS > (p.n_escapes + lut3.ESC_PAD) >> 2
+    assert torch.equal(_kernel_decode(p, chunk=True), _bits(w))
 
 
 def test_every_bf16_bit_pattern_survives():
@@ -67,6 +100,7 @@ def test_lanes_with_more_escapes_than_the_window_decode_exactly():
     count = sum(lut3._popc(f) for f in lut3.escape_flags(c[0], c[1], c[2]))
     assert int(count.max()) > lut3.WINDOW and int((count <= lut3.WINDOW).sum()) > 0
     assert torch.equal(_kernel_decode(p), _bits(w))
+    assert torch.equal(_kernel_decode(p, chunk=True), _bits(w))
 
 
 def test_reference_inputs_are_the_weight_in_the_kernel_order():

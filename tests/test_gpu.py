@@ -408,6 +408,34 @@ def test_fused_policy_equals_its_reference_with_exact_counts_on_cuda(arch, promp
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
+@pytest.mark.parametrize("captured", [False, True])
+def test_every_kernel_family_gives_the_same_logits_through_the_policy(captured):
+    """cache.kernel reaches the kernel: each family's prepared launches (eager) and op calls (compiled) run its own
+    build, and all give the logits of the lane family bit for bit (the same arithmetic, another way to load)."""
+    from harness.fused import lut3_cuda
+
+    loaded, n = _lut3_llama("wide"), 4
+    outs = {}
+    for kernel in ("lane", "chunk", "prefetch"):
+        model = copy.deepcopy(loaded.model)
+        runtime = compress_model(model, make_codec("fused_lut3"), policy="fused", placement="gpu", layers="all",
+                                 captured=captured, policy_options={"kernel": kernel}, progress=False)  # fmt: skip
+        outs[kernel] = greedy_generate(model, loaded.tokenizer, ["Hi"], n, n, compile=captured,
+                                       deterministic=captured)  # fmt: skip
+        if not captured:  # the functions the prepared launches call: the family's build for their token count
+            funcs = lut3_cuda.kernels()
+            launches = [(t, launch) for g in runtime.policy._gemv.values() for t, launch in g._launches.items()]
+            assert launches
+            for t, launch in launches:
+                want = f"{lut3_cuda.FAMILIES[kernel]}{'' if t <= 2 else '72'}_m{t}"
+                assert launch._func == funcs[want].func, (want, t)
+        runtime.close()
+    for kernel in ("chunk", "prefetch"):
+        assert torch.equal(outs[kernel].logits, outs["lane"].logits), kernel
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1)
 def test_fused_prefill_slices_run_the_prompt_in_the_kernel_on_cuda():
     """cache.prefill_slices: a prompt of up to 8 x S tokens goes through the kernel 8 tokens a launch, so nothing is
     decoded at all; counts are launches (ceil(tokens / 8) per layer in the prefill, the lm_head's one position:

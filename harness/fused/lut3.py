@@ -229,10 +229,39 @@ def escape_flags(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> list[t
             w2 & (w2 >> 1) & (w2 >> 2) & 0x11111111, (t3 >> 3) & 0x11111111]  # fmt: skip
 
 
-def emulate_decode(p: Lut3) -> torch.Tensor:
+CHUNK_WORDS = 32  # words of the escape list a warp of the CHUNK kernels loads per iteration (one per lane)
+
+
+def chunk_windows(p: Lut3, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows (lo, hi words) as the CHUNK kernels (lut3_gemvc*) fetch them, for lanes whose first escape is at
+    `pos` [T, I, 32]: lane L of the warp holds word (cb / 4) + L of the list, cb = the iteration's offset (0 past the
+    padded list's end), and a lane takes words wi..wi+2 from the lanes holding them (wi = pos / 4 - cb / 4), or
+    loads its own window when wi > 29. Also returns where a lane loads its own (the fallback), for the tests."""
+    m32 = 0xFFFFFFFF
+    ex = p.esc_exp.to(torch.int64)
+    words = (p.n_escapes + ESC_PAD) >> 2  # the kernel's bound, from esc_off's last entry
+    wl = ex[: 4 * words].reshape(words, 4)
+    list_words = wl[:, 0] | wl[:, 1] << 8 | wl[:, 2] << 16 | wl[:, 3] << 24
+    cb = p.esc_off[:-1].to(torch.int64).reshape(p.tiles, p.iters, 1)
+    index = (cb >> 2) + torch.arange(CHUNK_WORDS)  # [T, I, 32]: the word each lane loads
+    chunk = torch.where(index < words, list_words[index.clamp(max=words - 1)], 0)
+    wi = (pos >> 2) - (cb >> 2)
+    x0, x1, x2 = (torch.gather(chunk, -1, (wi + d) % CHUNK_WORDS) for d in range(3))  # shuffles wrap past lane 31
+    sh = (pos & 3) * 8
+    lo = ((x1 << 32 | x0) >> sh) & m32
+    hi = ((x2 << 32 | x1) >> sh) & 0x00FFFFFF
+    own = wi > CHUNK_WORDS - 3
+    win = [ex[pos + b] for b in range(WINDOW)]  # window_of: the lane's own loads
+    own_lo = win[0] | win[1] << 8 | win[2] << 16 | win[3] << 24
+    own_hi = win[4] | win[5] << 8 | win[6] << 16
+    return torch.where(own, own_lo, lo), torch.where(own, own_hi, hi), own
+
+
+def emulate_decode(p: Lut3, chunk: bool = False) -> torch.Tensor:
     """The weights as the kernel's main pass decodes them, from the same operations as the CUDA code (PRMT table
     lookups, escape flags, the lane prefix count, the window and its rank selectors, byte assembly), elementwise:
-    bf16 bits int16 [T, I, 32, 32] in stream order. The tests compare it with W."""
+    bf16 bits int16 [T, I, 32, 32] in stream order. The tests compare it with W. `chunk`: the windows as the
+    lut3_gemvc* kernels fetch them (`chunk_windows`), else as lut3_gemv* do (each lane's own loads)."""
     m32 = 0xFFFFFFFF
     t0, t1 = (v & m32 for v in p.lut_words())
     w = p.codes.to(torch.int64).reshape(3, p.tiles, p.iters, 32) & m32
@@ -247,9 +276,12 @@ def emulate_decode(p: Lut3) -> torch.Tensor:
     # each lane's first escape: the (tile, iteration) offset plus the lanes before it (the kernel's warp scan)
     pos = p.esc_off[:-1].to(torch.int64).reshape(p.tiles, p.iters, 1) + torch.cumsum(count, -1) - count
     ex = p.esc_exp.to(torch.int64)
-    win = [ex[pos + b] for b in range(WINDOW)]  # the window's bytes 0..6 (byte 7 is 0)
-    wlo = win[0] | win[1] << 8 | win[2] << 16 | win[3] << 24
-    whi = win[4] | win[5] << 8 | win[6] << 16
+    if chunk:
+        wlo, whi, _ = chunk_windows(p, pos)
+    else:
+        win = [ex[pos + b] for b in range(WINDOW)]  # the window's bytes 0..6 (byte 7 is 0)
+        wlo = win[0] | win[1] << 8 | win[2] << 16 | win[3] << 24
+        whi = win[4] | win[5] << 8 | win[6] << 16
     rare = count > WINDOW
     sm = p.signman.to(torch.int64).reshape(p.tiles, p.iters, 32, 8, 4)
     smw = sm[..., 0] | sm[..., 1] << 8 | sm[..., 2] << 16 | sm[..., 3] << 24  # 8 words of 4 weights

@@ -25,7 +25,9 @@ from harness.fused.launch import INT, PTR, Launch
 MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to decode + matmul
 _TEMPLATES = (1, 2, 4, 8)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
-_NAMES = [f"lut3_{v}_m{m}" for v in ("gemv", "gemv72", "ref") for m in _TEMPLATES] + ["lut3_decode"]
+_BUILDS = ("gemv", "gemv72", "gemvc", "gemvc72", "gemvcp", "gemvcp72")
+_NAMES = [f"lut3_{v}_m{m}" for v in (*_BUILDS, "ref") for m in _TEMPLATES]
+_NAMES += ["lut3_decode"]
 _NAMES += ["lut3_diag1_m1"]  # bench/lut3_kernel.py only: the escapes left undecoded, to time what they cost
 _kernels: dict | None = None
 
@@ -101,10 +103,14 @@ def _check(x2d: torch.Tensor, k: int) -> None:
         raise ValueError(f"lut3 kernel wants contiguous bf16 [M, {k}], got {x2d.dtype} {tuple(x2d.shape)}")
 
 
-# The fused kernel's two builds: "lut3_gemv" (registers as the compiler allocates them: 64 and a 16-byte spill at
-# 1-2 tokens, 77 at 4-8) and "lut3_gemv72" (the same code held to 72 registers, no spill, more warps per SM). On the
-# H200 the first is faster at 1 token (4.60 against 4.79 ms per Llama-8B step), the second at 8 (5.29 against
-# 5.90): `fused_kernel` picks by tokens. CODECLLM_LUT3_KERNEL names one for an A/B run of a whole model.
+# The fused kernel's builds, in families of two: "lut3_gemv" (registers as the compiler allocates them: 64 and a
+# 16-byte spill at 1-2 tokens, 77 at 4-8) and "lut3_gemv72" (the same code held to 72 registers, no spill, more
+# warps per SM). On the H200 the first is faster at 1 token (4.60 against 4.79 ms per Llama-8B step), the second at
+# 8 (5.29 against 5.90): `fused_kernel` picks by tokens. Two more families, not yet timed on a GPU and so not the
+# default (lut3_kernel.cu says what they change; 84 and 72 registers, no spill): "lut3_gemvc*", the escape window
+# fetched per warp one iteration ahead, and "lut3_gemvcp*", that plus an L2 prefetch of the bytes 4 iterations
+# ahead. CODECLLM_LUT3_KERNEL names a build, or a family (lane, chunk, prefetch) taken by the same token rule, for
+# an A/B run of a whole model.
 def _chosen(env: str, choices: tuple[str, ...]) -> str:
     """The choice an A/B run names in $env, else the first of `choices`."""
     name = os.environ.get(env, choices[0])
@@ -113,14 +119,22 @@ def _chosen(env: str, choices: tuple[str, ...]) -> str:
     return name
 
 
-FUSED_KERNELS = ("lut3_gemv", "lut3_gemv72")
-_FUSED_CHOICE = _chosen("CODECLLM_LUT3_KERNEL", ("auto", *FUSED_KERNELS))
+FUSED_KERNELS = tuple(f"lut3_{b}" for b in _BUILDS)
+FAMILIES = {"lane": "lut3_gemv", "chunk": "lut3_gemvc", "prefetch": "lut3_gemvcp"}
+_FUSED_CHOICE = _chosen("CODECLLM_LUT3_KERNEL", ("auto", *FAMILIES, *FUSED_KERNELS))
 
 
-def fused_kernel(tokens: int) -> str:
-    if _FUSED_CHOICE != "auto":
-        return _FUSED_CHOICE
-    return "lut3_gemv" if tokens <= 2 else "lut3_gemv72"
+KERNEL_CHOICES = ("auto", *FAMILIES)  # cache.kernel
+
+
+def fused_kernel(tokens: int, family: str = "auto") -> str:
+    """The build that multiplies `tokens` tokens: `family`'s (cache.kernel), or with "auto" what
+    CODECLLM_LUT3_KERNEL names, else the lane family."""
+    choice = _FUSED_CHOICE if family == "auto" else family
+    if choice in FUSED_KERNELS:
+        return choice
+    base = FAMILIES["lane" if choice == "auto" else choice]
+    return base if tokens <= 2 else f"{base}72"
 
 
 SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums
@@ -140,8 +154,9 @@ class Gemv:
     per layer (a prefill in 8-token slices, the eager fused runtime). `ptrs`: `addresses(p)`; `lut`:
     `p.lut_words()`; `counter`: the address of the int64 the kernel adds 1 to per launch."""
 
-    def __init__(self, ptrs: list[int], lut: list[int], n: int, k: int, counter: int, warps: int | None = None):
-        self.n, self.k, self._warps = n, k, warps
+    def __init__(self, ptrs: list[int], lut: list[int], n: int, k: int, counter: int, warps: int | None = None,
+                 family: str = "auto"):  # fmt: skip
+        self.n, self.k, self._warps, self._family = n, k, warps, family
         self.tiles, self.iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
         self._args = [PTR, INT, k, *ptrs, *lut, PTR, n, self.iters, ctypes.c_void_p(counter)]
         self._launches: dict[int, Launch] = {}
@@ -150,7 +165,7 @@ class Gemv:
         t = _template(m)
         if t not in self._launches:
             warps = self._warps or warps_per_tile(self.tiles, self.iters, t)  # one count per template (see there)
-            self._launches[t] = _prepared(f"{fused_kernel(t)}_m{t}", self.tiles, warps, self._args)
+            self._launches[t] = _prepared(f"{fused_kernel(t, self._family)}_m{t}", self.tiles, warps, self._args)
         return self._launches[t]
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -263,12 +278,14 @@ def _scratch_counter(device: torch.device) -> torch.Tensor:
 
 
 @torch.library.custom_op("codecllm::lut3_linear", mutates_args=("counts",))
-def lut3_linear(x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int) -> torch.Tensor:
-    """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 8 tokens); adds 1 to counts.view(-1)[slot] on the
-    device. The weights are addresses, not tensors: see `address`."""
-    return _gemv_launch(fused_kernel(x2d.shape[0]), x2d, n, ptrs, lut, counts.view(-1)[slot:])
+def lut3_linear(
+    x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int, family: str = "auto"
+) -> torch.Tensor:
+    """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 8 tokens) by `family`'s build (`fused_kernel`); adds 1
+    to counts.view(-1)[slot] on the device. The weights are addresses, not tensors: see `address`."""
+    return _gemv_launch(fused_kernel(x2d.shape[0], family), x2d, n, ptrs, lut, counts.view(-1)[slot:])
 
 
 @lut3_linear.register_fake
-def _lut3_linear_fake(x2d, ptrs, lut, n, counts, slot):
+def _lut3_linear_fake(x2d, ptrs, lut, n, counts, slot, family="auto"):
     return x2d.new_empty((x2d.shape[0], n))

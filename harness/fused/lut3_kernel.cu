@@ -16,6 +16,14 @@
 // the table's byte (0 for code 7). A lane with more escapes in one iteration than the window holds (WINDOW) takes
 // them byte by byte (rare: ~4e-7 of lanes on normal weights). So every weight reaches the tensor cores as the original bf16 value.
 //
+// Two ways to fetch the window (template CHUNK). Per lane (lut3_gemv, lut3_gemv72): three loads at the lane's own
+// position, which is known only after the warp's prefix count, so the decode waits on a dependent load every
+// iteration. Per warp (lut3_gemvc, lut3_gemvc72): the warp's escapes of an iteration start at a position known one
+// iteration early (the previous one's offset plus its count), so each lane loads one word of the 128 bytes from
+// there while the previous iteration decodes, and later takes its window's three words from the lanes holding them
+// by shuffles. A lane whose window ends past those 128 bytes (more than ~120 escapes in the warp's 1024 weights:
+// escape-dense tensors) loads it itself. Both give the same bytes, so the same results bit for bit.
+//
 // The exactness reference (lut3_ref_m*) is the same code fed the uncompressed weights: the A fragments loaded from
 // W itself in the same register order, the same mma order, the same split-K. Compressed == reference bit for bit
 // iff the in-register decode is exact; any difference from cuBLAS is the arithmetic of this kernel.
@@ -29,6 +37,9 @@ typedef unsigned char u8;
 typedef unsigned long long u64;
 
 #define WINDOW 7                    // escapes per lane and iteration taken from the window (byte 7 is zero)
+#define ESC_PAD 16                  // bytes after the escape list (lut3.ESC_PAD)
+#define CHUNK_WORDS 32              // words of the escape list a warp loads per iteration: one per lane
+#define L2_AHEAD 4                  // lut3_gemvcp*: iterations between a pair's L2 prefetch and its loads
 #define SMEM_PER_WARP (16 * 8 * 4)  // the block's split-K partial sums: 16 rows x 8 tokens of fp32 per warp
 
 struct Lut {  // the table of rotated exponents [e0 e7..e1] (lut3.py: rot), code c = byte c of t0:t1
@@ -79,6 +90,29 @@ __device__ __forceinline__ void window_of(const u8* __restrict__ esc_exp, int po
   const u32 sh = (u32)(pos & 3) * 8u;
   lo = __funnelshift_r(x0, x1, sh);
   hi = __funnelshift_r(x1, x2, sh) & 0x00FFFFFFu;
+}
+
+// The word of the escape list that lane `lane` holds for the warp's iteration whose escapes start at byte `cb`: word
+// (cb / 4) + lane, or 0 past the list's padded end (`words`), so that no read leaves the allocation.
+__device__ __forceinline__ u32 chunk_word(const u8* __restrict__ esc_exp, int cb, int lane, int words) {
+  const int w = (cb >> 2) + lane;
+  return w < words ? __ldg(reinterpret_cast<const u32*>(esc_exp) + w) : 0u;
+}
+
+// window_of's 8 bytes from `pos`, taken by shuffles from the lanes holding the warp's chunk (loaded from byte `cb`;
+// pos >= cb): word wi of the chunk is lane wi's. A window ending past the chunk (wi > 29) is loaded by the lane.
+__device__ __forceinline__ void window_from_chunk(u32 chunk, int cb, int pos, const u8* __restrict__ esc_exp,
+                                                  u32& lo, u32& hi) {
+  const int wi = (pos >> 2) - (cb >> 2);
+  const u32 x0 = __shfl_sync(0xffffffffu, chunk, wi), x1 = __shfl_sync(0xffffffffu, chunk, wi + 1),
+            x2 = __shfl_sync(0xffffffffu, chunk, wi + 2);  // source lanes past 31 wrap: those values go unused
+  if (wi <= CHUNK_WORDS - 3) {
+    const u32 sh = (u32)(pos & 3) * 8u;
+    lo = __funnelshift_r(x0, x1, sh);
+    hi = __funnelshift_r(x1, x2, sh) & 0x00FFFFFFu;
+  } else {
+    window_of(esc_exp, pos, lo, hi);
+  }
 }
 
 // 32 weights of one lane and iteration -> 16 bf16x2 registers (A fragments of 4 k-steps), escapes included.
@@ -132,6 +166,8 @@ struct Buf {
   u32 w0, w1, w2;  // fused: code words
   u32 wlo, whi;    // fused: the escape window
   int pos;         // fused: this lane's first escape in the list
+  u32 chunk;       // fused, CHUNK: this lane's word of the warp's escapes, loaded from byte cb of the list
+  int cb;
   uint4 r[4];      // reference: the 32 bf16 weights themselves
 };
 
@@ -151,9 +187,12 @@ __device__ __forceinline__ void fetch(Buf& b, size_t li, long long lanes_total, 
 }
 
 // The lane's first escape: the iteration's offset (carried in esc_pos) plus a warp prefix count over lanes; then
-// the window. DIAG (bench only): escapes left undecoded, the time they cost by difference.
-template <int DIAG>
-__device__ __forceinline__ void locate(Buf& b, int lane, int& esc_pos, const u8* __restrict__ esc_exp) {
+// the window. CHUNK: `nxt` (the next iteration, if `more`) gets its chunk loaded from the offset that follows, and
+// the window comes from `b`'s chunk, loaded one iteration before. DIAG (bench only): escapes left undecoded, the
+// time they cost by difference.
+template <int DIAG, bool CHUNK = false>
+__device__ __forceinline__ void locate(Buf& b, int lane, int& esc_pos, const u8* __restrict__ esc_exp,
+                                       Buf& nxt, bool more, int words) {
   if (DIAG == 1) {
     b.wlo = b.whi = 0;
     b.pos = 0;
@@ -168,7 +207,15 @@ __device__ __forceinline__ void locate(Buf& b, int lane, int& esc_pos, const u8*
   }
   b.pos = esc_pos + incl - cnt;
   esc_pos += __shfl_sync(0xffffffffu, incl, 31);
-  window_of(esc_exp, b.pos, b.wlo, b.whi);
+  if (CHUNK) {
+    if (more) {
+      nxt.cb = esc_pos;
+      nxt.chunk = chunk_word(esc_exp, esc_pos, lane, words);
+    }
+    window_from_chunk(b.chunk, b.cb, b.pos, esc_exp, b.wlo, b.whi);
+  } else {
+    window_of(esc_exp, b.pos, b.wlo, b.whi);
+  }
 }
 
 template <bool FUSED, int DIAG>
@@ -193,6 +240,29 @@ __device__ __forceinline__ void operands(const Buf& b, const Lut lut, const u8* 
   }
 }
 
+// PF > 0: the loads of the pair of iterations PF ahead (it + PF, it + PF + 1) requested into L2 now, one
+// `prefetch.global.L2` per lane and cache line: lanes 0-15 the 16 lines of the pair's sign+mantissa bytes, lanes
+// 16-27 the lines holding the first and last word of each iteration's three code words. The registers hold one
+// iteration ahead (all a warp can afford); this keeps more bytes in flight without registers. Only lines of
+// iterations this warp will read are requested.
+template <int PF>
+__device__ __forceinline__ void prefetch_l2(int lane, int it, int it1, int tile, int I, long long lanes_total,
+                                            const uint4* __restrict__ sm, const u32* __restrict__ codes) {
+  if (PF == 0 || lane >= 28) return;
+  const int first = it + PF;
+  const void* p;
+  int iter;
+  if (lane < 16) {
+    iter = first + (lane >> 3);
+    p = reinterpret_cast<const u8*>(sm + ((size_t)tile * I + iter) * 64) + (lane & 7) * 128;
+  } else {
+    const int c = (lane - 16) >> 2, q = (lane - 16) & 3;
+    iter = first + (q >> 1);
+    p = codes + c * lanes_total + ((size_t)tile * I + iter) * 32 + (q & 1) * 31;
+  }
+  if (iter < it1) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 // 4 mma of one iteration; c and c2: two accumulator chains (even, odd k-steps), so mma latencies overlap.
 __device__ __forceinline__ void mma_iter(const u32* A, const u32* __restrict__ xrow, int it, int t, bool has_tok,
                                          float* c, float* c2) {
@@ -204,7 +274,7 @@ __device__ __forceinline__ void mma_iter(const u32* A, const u32* __restrict__ x
   }
 }
 
-template <int MT, bool FUSED, int DIAG = 0>
+template <int MT, bool FUSED, int DIAG = 0, bool CHUNK = false, int PF = 0>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, const uint4* __restrict__ sm,
                                      const u32* __restrict__ codes, const u8* __restrict__ esc_exp,
                                      const int* __restrict__ esc_off, const uint4* __restrict__ raw, Lut lut,
@@ -220,22 +290,31 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   const bool has_tok = g < M;
   float c[4] = {0.f, 0.f, 0.f, 0.f}, c2[4] = {0.f, 0.f, 0.f, 0.f};
   int esc_pos = (FUSED && it0 < it1) ? esc_off[tile * I + it0] : 0;
+  // CHUNK: the readable words of the escape list (esc_off's last entry is the escape count)
+  const int words = (CHUNK && it0 < it1) ? (esc_off[(size_t)gridDim.x * I] + ESC_PAD) >> 2 : 0;
 
   // Unrolled by two with named buffers: the next iteration's loads are in flight during this one's decode, with
   // no register copies between iterations; an iteration's escape window is located just before its decode.
   Buf a, b;
   const size_t l0 = ((size_t)tile * I + it0) * 32 + lane;
-  if (it0 < it1) fetch<FUSED>(a, l0, lanes_total, sm, codes, raw);
+  if (it0 < it1) {
+    fetch<FUSED>(a, l0, lanes_total, sm, codes, raw);
+    if (CHUNK) {
+      a.cb = esc_pos;
+      a.chunk = chunk_word(esc_exp, esc_pos, lane, words);
+    }
+  }
   for (int it = it0; it < it1; it += 2) {
     const size_t la = l0 + (size_t)(it - it0) * 32;
+    if (FUSED) prefetch_l2<PF>(lane, it, it1, tile, I, lanes_total, sm, codes);
     if (it + 1 < it1) fetch<FUSED>(b, la + 32, lanes_total, sm, codes, raw);
     u32 A[16];
-    if (FUSED) locate<DIAG>(a, lane, esc_pos, esc_exp);
+    if (FUSED) locate<DIAG, CHUNK>(a, lane, esc_pos, esc_exp, b, it + 1 < it1, words);
     operands<FUSED, DIAG>(a, lut, esc_exp, A);
     mma_iter(A, xrow, it, t, has_tok, c, c2);
     if (it + 1 < it1) {
       if (it + 2 < it1) fetch<FUSED>(a, la + 64, lanes_total, sm, codes, raw);
-      if (FUSED) locate<DIAG>(b, lane, esc_pos, esc_exp);
+      if (FUSED) locate<DIAG, CHUNK>(b, lane, esc_pos, esc_exp, a, it + 2 < it1, words);
       operands<FUSED, DIAG>(b, lut, esc_exp, A);
       mma_iter(A, xrow, it + 1, t, has_tok, c, c2);
     }
@@ -266,20 +345,25 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   if (counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(counter, 1ull);
 }
 
-// The fused kernel twice: as the compiler allocates it (82 registers: 23 warps per SM) and held to 72 registers
-// (no spills: 28 warps per SM, so e.g. the 8B gate/up launch of 3584 warps fits the H200's 132 SMs in one wave).
-#define LUT3_FUSED(NAME, BOUNDS, MT)                                                                                   \
+// The fused kernel, per-lane and per-warp windows (CHUNK), the latter also with an L2 prefetch L2_AHEAD iterations
+// ahead (gemvcp), each twice: as the compiler allocates it (64 registers
+// and a 16-byte spill at 1-2 tokens, 77 at 4-8) and held to 72 registers (no spills, more warps per SM).
+#define LUT3_FUSED(NAME, BOUNDS, MT, CHUNK, PF)                                                                        \
   extern "C" __global__ void BOUNDS NAME##_m##MT(                                                                      \
       const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,            \
       u32 off_lo, u32 off_hi, int t0, int t1, u16* y, int N, int I, u64* counter) {                                    \
-    gemv<MT, true>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                              \
+    gemv<MT, true, 0, CHUNK, PF>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                \
                    ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                                   \
                    Lut{(u32)t0, (u32)t1}, y, N, I, counter);                                                           \
   }
 
 #define LUT3_GEMV(MT)                                                                                                  \
-  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT)                                                                    \
-  LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT)                                                                         \
+  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT, false, 0)                                                          \
+  LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT, false, 0)                                                               \
+  LUT3_FUSED(lut3_gemvc, __launch_bounds__(512), MT, true, 0)                                                          \
+  LUT3_FUSED(lut3_gemvc72, __maxnreg__(72), MT, true, 0)                                                               \
+  LUT3_FUSED(lut3_gemvcp, __launch_bounds__(512), MT, true, L2_AHEAD)                                                  \
+  LUT3_FUSED(lut3_gemvcp72, __maxnreg__(72), MT, true, L2_AHEAD)                                                       \
   extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                                    \
       const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {                        \
     gemv<MT, false>(x, M, K, nullptr, nullptr, nullptr, nullptr, ptr_of<uint4>(raw_lo, raw_hi),                        \
@@ -306,7 +390,7 @@ __device__ __forceinline__ void decode_iteration(size_t li, int lane, long long 
                                                  u32* A) {
   Buf b;
   fetch<true>(b, li, lanes_total, sm, codes, nullptr);
-  locate<0>(b, lane, esc_pos, esc_exp);
+  locate<0>(b, lane, esc_pos, esc_exp, b, false, 0);
   operands<true, 0>(b, lut, esc_exp, A);
 }
 

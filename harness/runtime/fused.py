@@ -52,6 +52,13 @@ def check_setup(codec: str, placement: str, device: torch.device, embeddings: bo
         raise HarnessError("cache=fused on CUDA reads the compressed bytes from VRAM: use compress.placement=gpu")
 
 
+def check_kernel(kernel: str) -> None:
+    """cache.kernel: the fused kernel's family (harness/fused/lut3_kernel.cu), checked from the config alone."""
+    if kernel not in lut3_cuda.KERNEL_CHOICES:
+        raise HarnessError(f"cache.kernel={kernel!r} is invalid; valid: {', '.join(lut3_cuda.KERNEL_CHOICES)} "
+                           "(auto: the default family)")  # fmt: skip
+
+
 def refuse_transposed(names: list[str]) -> None:
     """The kernel computes x @ W.T from W as stored; a Conv1D (GPT-2) stores W.T."""
     if names:
@@ -122,11 +129,13 @@ class Fused(CachePolicy):
     name = "fused"
     computes_linear = True
 
-    def __init__(self, runtime: CompressedRuntime, prefill_slices: int = 0) -> None:
+    def __init__(self, runtime: CompressedRuntime, prefill_slices: int = 0, kernel: str = "auto") -> None:
         if isinstance(prefill_slices, bool) or not isinstance(prefill_slices, int) or not 0 <= prefill_slices <= 64:
             raise HarnessError(f"cache.prefill_slices={prefill_slices!r} is invalid; give 0 (decode + F.linear) to 64 "
                                "(prompts of up to 64 x 8 tokens through the kernel, 8 tokens a launch)")  # fmt: skip
+        check_kernel(kernel)
         super().__init__(runtime)
+        self.kernel = kernel  # the fused kernel's family (lut3_cuda.fused_kernel): one policy, one family
         # The most tokens a forward multiplies in the kernel: a decode step's 8, or with prefill_slices a prefill of
         # up to 8 x prefill_slices, 8 tokens a launch, instead of decoding every layer for cuBLAS: each launch reads
         # only the compressed bytes, and the eager decode's per-layer host work (the 8B prefill's cost:
@@ -156,7 +165,7 @@ class Fused(CachePolicy):
                 self._ptrs[layer.index] = lut3_cuda.addresses(p)
                 counter = self._counts.data_ptr() + slot * self._counts.element_size()
                 self._gemv[layer.index] = lut3_cuda.Gemv(self._ptrs[layer.index], self._lut[layer.index], *p.shape,
-                                                         counter)  # fmt: skip
+                                                         counter, family=kernel)  # fmt: skip
                 self._decode[layer.index] = lut3_cuda.Decode(p)
         self._tiles = [-(-layer.ct.shape[0] // lut3.TILE_ROWS) if layer.index in self._packed else 0
                        for layer in runtime.layers]  # fmt: skip
@@ -201,7 +210,7 @@ class Fused(CachePolicy):
         if not torch.compiler.is_compiling():  # eager: the same launch as the op's, prepared (see __init__)
             return self._gemv[layer.index](x2d)
         return torch.ops.codecllm.lut3_linear(x2d, self._ptrs[layer.index], self._lut[layer.index], n, self._counts,
-                                              self._slot[layer.index])  # fmt: skip
+                                              self._slot[layer.index], self.kernel)  # fmt: skip
 
     # -- pass boundaries (Python, between graph replays) --------------------------------------------------------
     def begin_pass(self) -> None:
