@@ -19,10 +19,10 @@ Nothing is evicted: delete the directory to reclaim the space.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,7 +62,8 @@ def model_identity(loaded: Any, kind: str) -> dict[str, str]:
 
 def _code_hash(codec: Codec) -> str:
     # A codec edit may change its bytes or its meta layout; an artifact written by other code is a miss.
-    files = [sys.modules[type(codec).__module__].__file__, sys.modules[Codec.__module__].__file__]
+    modules = [type(codec).__module__, Codec.__module__, *type(codec).format_modules]
+    files = [importlib.import_module(m).__file__ for m in modules]
     return xxhash.xxh3_64_hexdigest(b"".join(Path(f).read_bytes() for f in files))
 
 

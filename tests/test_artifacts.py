@@ -8,6 +8,8 @@ detected at load, the artifact is not used, and it is rebuilt with a warning.
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import json
 import logging
 import os
@@ -24,8 +26,10 @@ from conftest import pythonpath
 from safetensors import safe_open
 from test_integrity import IDENTITY, PROMPTS, TRIALS, compressed, generate, key_of
 
+from harness import artifacts
 from harness.artifacts import ArtifactCache, artifact_key, cache_root
 from harness.codecs import make_codec
+from harness.codecs.base import CODECS
 from harness.models import tiny_llama
 from harness.selection import select_layers
 
@@ -72,6 +76,31 @@ def test_key_covers_weights_codec_settings_and_selection(tiny):
     different.append(key_of(other))
     assert len({k.digest for k in [base, *different]}) == len(different) + 1
     assert set(base.fields) >= {"model", "codec", "codec_settings", "codec_code_xxh3", "layers", "weights_xxh3_128"}
+
+
+def _codec_modules_used(cls) -> set[str]:
+    """The harness codec/format modules a codec's module takes names from (besides itself and base.py)."""
+    mod = sys.modules[cls.__module__]
+    used = set()
+    for v in vars(mod).values():
+        m = v.__name__ if inspect.ismodule(v) else getattr(v, "__module__", None)
+        if isinstance(m, str) and m.startswith(("harness.codecs", "harness.fused")):
+            used.add(m)
+    return used - {cls.__module__, "harness.codecs.base"}
+
+
+@pytest.mark.parametrize("name", CODECS.names())
+def test_code_hash_covers_every_module_a_codec_takes_its_format_from(name, monkeypatch):
+    cls = CODECS.get(name)
+    assert _codec_modules_used(cls) <= set(cls.format_modules), "add the module to the codec's format_modules"
+    for module in cls.format_modules:  # an edit to the format module changes the key: a cached artifact misses
+        path = Path(importlib.import_module(module).__file__)
+        before = artifacts._code_hash(object.__new__(cls))
+        real = Path.read_bytes
+        edited = lambda self, real=real, path=path: real(self) + (b"#" if self == path else b"")  # noqa: E731
+        monkeypatch.setattr(Path, "read_bytes", edited)
+        assert artifacts._code_hash(object.__new__(cls)) != before
+        monkeypatch.undo()
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

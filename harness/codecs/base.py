@@ -141,6 +141,9 @@ class Codec(ABC):
     capturable: ClassVar[bool] = False
     # The weight dtypes the codec stores (None: any), so that a model of another dtype is refused before it loads.
     dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
+    # Modules besides the codec's own that decide its bytes or their layout (a format module, an encoder): the
+    # artifact cache hashes their source with the codec's, so that editing them makes a cached artifact a miss.
+    format_modules: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def refuse(cls, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:

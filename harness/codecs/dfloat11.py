@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +58,7 @@ class DFloat11Codec(Codec):
     """DFloat11: Huffman-coded exponents + raw sign/mantissa bytes (bf16 only)."""
 
     name = "dfloat11"
+    format_modules = ("harness.codecs.dfloat11_format",)  # our encoder
 
     def __init__(self, decoder: str = "auto") -> None:
         if decoder not in ("auto", "cuda", "cpu"):
@@ -75,9 +75,8 @@ class DFloat11Codec(Codec):
 
     def settings(self) -> dict[str, Any]:
         # The bytes depend on DF11's table construction (its version and dahuffman's), the launch geometry and
-        # our encoder, which lives in dfloat11_format.py (the artifact cache hashes only this module's file).
+        # our encoder (dfloat11_format.py, hashed by the artifact cache as a format module).
         return {
-            "encoder_xxh3": xxhash.xxh3_64_hexdigest(Path(fmt.__file__).read_bytes()),
             "dfloat11": importlib.metadata.version("dfloat11"),
             "dahuffman": importlib.metadata.version("dahuffman"),
             "bytes_per_thread": fmt.BYTES_PER_THREAD,

@@ -12,11 +12,9 @@ fused GEMV, written out), else the torch reference (lut3.decode). Both are exact
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-import xxhash
 
 from harness.codecs.base import CODECS, Codec, CompressedTensor, checksum, dtype_name
 from harness.errors import HarnessError
@@ -36,6 +34,7 @@ class FusedLut3Codec(Codec):
 
     name = "fused_lut3"
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16,)
+    format_modules = ("harness.fused.lut3",)  # the bytes are the format module's
 
     def __init__(self) -> None:
         # The kernel's decode wherever there is a GPU (as dfloat11's auto): that is the decode that must be exact.
@@ -44,10 +43,6 @@ class FusedLut3Codec(Codec):
     @classmethod
     def refuse(cls, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
         return lut3.supported(tuple(shape), dtype)
-
-    def settings(self) -> dict[str, Any]:
-        # The bytes are the format module's (the artifact cache hashes only this file and base.py).
-        return {"format_xxh3": xxhash.xxh3_64_hexdigest(Path(lut3.__file__).read_bytes())}
 
     def encode(self, t: torch.Tensor) -> CompressedTensor:
         why = lut3.supported(tuple(t.shape), t.dtype)

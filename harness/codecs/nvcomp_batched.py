@@ -130,6 +130,7 @@ class NvcompANSBatched(Codec):
     """nvCOMP ANS on fixed-size chunks, decoded through the batched C API with prebuilt pointer tables."""
 
     name = "nvcomp_ans_batched"
+    format_modules = ("harness.codecs.nvcomp_layout",)  # the payload's header and chunks
     decode_device = "cuda"
     stages_host_payloads = True  # decode_many copies host payloads into a staging buffer itself
     capturable = True  # prepare_group: prebuilt tables, launches on the current stream only
