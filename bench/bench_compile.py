@@ -18,6 +18,9 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   fused_sliced_compiled, fused_sliced_ref_compiled
                      the same two with cache.prefill_slices=--prefill-slices: a prompt of up to 8 x that many
                      tokens is multiplied in the kernel 8 tokens a launch, instead of decoded for cuBLAS
+  fused_wide_compiled, fused_wide_ref_compiled
+                     the same two with cache.prefill_tokens=--prefill-tokens: a prompt of up to that many tokens
+                     (at most 32) multiplied in one launch of the kernel's wide build
   fused_lane_compiled, fused_chunk_compiled, fused_prefetch_compiled
                      fused_compiled with cache.kernel=lane|chunk|prefetch (the fused kernel's families): an A/B of
                      the kernels inside the whole model; each family's logits must equal fused_compiled's and
@@ -177,6 +180,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_compile.jsonl")
     ap.add_argument("--prefill-slices", type=int, default=4,
                     help="cache.prefill_slices of the fused_sliced_* arms: prompts of up to 8 x this many tokens in the kernel")
+    ap.add_argument("--prefill-tokens", type=int, default=32,
+                    help="cache.prefill_tokens of the fused_wide_* arms: prompts of up to this many tokens in one launch")
     ap.add_argument("--profile", nargs="*", default=[], help="arms to profile (torch.profiler, one generation)")
     ap.add_argument("--profile-prefill", nargs="*", default=[],
                     help="arms whose prefill (a one-token generation) to profile, host self time by op included")
@@ -247,15 +252,18 @@ def main() -> None:
                 "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
             }
         )
-    for arm, compile_, reference, slices, kernel in (("fused_compiled", True, False, 0, "auto"),
-                                                     ("fused_eager", False, False, 0, "auto"),
-                                                     ("fused_ref_compiled", True, True, 0, "auto"),
-                                                     ("fused_sliced_compiled", True, False, args.prefill_slices, "auto"),
-                                                     ("fused_sliced_ref_compiled", True, True, args.prefill_slices, "auto"),
-                                                     # the kernel families (cache.kernel), paired with fused_compiled
-                                                     ("fused_lane_compiled", True, False, 0, "lane"),
-                                                     ("fused_chunk_compiled", True, False, 0, "chunk"),
-                                                     ("fused_prefetch_compiled", True, False, 0, "prefetch")):  # fmt: skip
+    sliced, wide = {"prefill_slices": args.prefill_slices}, {"prefill_tokens": args.prefill_tokens}
+    for arm, compile_, reference, options in (("fused_compiled", True, False, {}),
+                                              ("fused_eager", False, False, {}),
+                                              ("fused_ref_compiled", True, True, {}),
+                                              ("fused_sliced_compiled", True, False, sliced),
+                                              ("fused_sliced_ref_compiled", True, True, sliced),
+                                              ("fused_wide_compiled", True, False, wide),
+                                              ("fused_wide_ref_compiled", True, True, wide),
+                                              # the kernel families (cache.kernel), paired with fused_compiled
+                                              ("fused_lane_compiled", True, False, {"kernel": "lane"}),
+                                              ("fused_chunk_compiled", True, False, {"kernel": "chunk"}),
+                                              ("fused_prefetch_compiled", True, False, {"kernel": "prefetch"})):  # fmt: skip
         if arm not in args.arms:
             continue
         t = time.perf_counter()
@@ -264,7 +272,7 @@ def main() -> None:
         have = {c.name for c in sel.chosen} <= set(encoded_lut3)
         rt = compress_model(model, make_codec("fused_lut3"), selection=sel, policy="fused", placement="gpu",
                             precompressed=encoded_lut3 if have else None, captured=compile_, attach=True,
-                            policy_options={"prefill_slices": slices, "kernel": kernel}, progress=False)  # fmt: skip
+                            policy_options=options, progress=False)  # fmt: skip
         encoded_lut3.update({layer.name: layer.ct for layer in rt.layers})
         if reference:
             stack.enter_context(rt.policy.reference())
@@ -311,7 +319,8 @@ def main() -> None:
         refs = {
             name: outs.get(name)
             for name in ("dense_compiled", "dense_eager", "dense_compiled_ref", "fused_ref_compiled",
-                         "fused_sliced_ref_compiled", "fused_compiled", "fused_lane_compiled")  # fmt: skip
+                         "fused_sliced_ref_compiled", "fused_wide_ref_compiled", "fused_compiled",
+                         "fused_lane_compiled")  # fmt: skip
         }
         for arm in arms:
             model, compile_, rt = models[arm]

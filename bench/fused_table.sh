@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The fused tables of docs/fused.md, one GPU:
-#   bash bench/fused_table.sh [kernel|families|families-8b|1b|8b|all] [out-dir]
+#   bash bench/fused_table.sh [kernel|families|families-8b|wide-8b|1b|8b|all] [out-dir]
 # kernel: bench/lut3_kernel.py (every matrix shape against cuBLAS and the exactness reference, M=1 and 8, with the
 #         diagnostic variants that split the time);
 # families: the same on the 8B matrices (and 1B's gate/up) at 4/8/16 warps, every build of every kernel family
 #         (lane, chunk, prefetch) timed side by side (~6 min);
 # families-8b: the families inside the whole 8B model, b=1, arms alternated (bench_compile.py; ~7 min); each
 #         family's logits must equal fused_compiled's. (Two device calls: each fits in 10 minutes alone.)
+# wide-8b: the 8B prefill with cache.prefill_tokens=32 (one launch of the wide build per layer, no decode):
+#         bench/prefill_host.py's forward and one-token arms (~2 min), then the whole 8B b=1 generation, dense
+#         compiled against fused compiled with and without it and its exactness reference (~8 min).
 # 1b/8b:  bench/bench_compile.py, one process per shape: dense compiled, block compiled (decompress-then-matmul),
 #         fused compiled and its exactness reference, arms alternated in rounds, b=1 and b=8.
 set -euo pipefail
@@ -24,6 +27,11 @@ fi
 if [[ "$which" == families-8b ]]; then
   python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 5 \
     --arms dense_compiled fused_lane_compiled fused_chunk_compiled fused_prefetch_compiled --out "$out/fused_families_8b.jsonl"
+fi
+if [[ "$which" == wide-8b ]]; then
+  python bench/prefill_host.py --shape llama_8b --rounds 10 --out "$out/prefill_wide_8b.jsonl"
+  python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 3 --split \
+    --arms dense_compiled fused_compiled fused_wide_compiled fused_wide_ref_compiled --out "$out/fused_wide_8b.jsonl"
 fi
 # rounds: 5 at 1B (~4 min), 3 at 8B (~9 min, inside a 10-minute device call); --split times the eager prefill
 # alone, --profile-prefill says where the fused arm's prefill time goes.

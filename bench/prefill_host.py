@@ -9,12 +9,14 @@ is one Python call per layer. Arms (one forward over the bench prompt, logits of
   fused_before   the route before prepared launches: the codec's decode per layer (views of the payload built
                  per call) and torch's NVRTC launcher (libcuda opened and the argument array built per launch)
   fused_sliced   cache.prefill_slices=4: the prompt multiplied in the kernel 8 tokens a launch, no decode
-  dense_generate, fused_generate
+  fused_wide     cache.prefill_tokens=32: the prompt multiplied in one launch of the kernel's wide build, no decode
+  dense_generate, fused_generate, fused_wide_generate
                  a one-token greedy_generate with the static cache and generate.compile=true (the fused side in
                  Inductor's deterministic mode), as bench_compile's --split times a prefill: the forward plus
                  generate's own set-up (tokenizing, the cache, the logits kept)
-Each arm's per-forward wall time (device synchronised), the fused arms' logits against each other (they must be
-equal: the same decode, the same matmul), and a cProfile of one forward per fused arm (the top functions by own
+Each arm's per-forward wall time (device synchronised), the fused arms' logits against fused's (equal for
+fused_before: the same decode, the same matmul; not for fused_sliced and fused_wide, whose arithmetic is the
+kernel's) and their largest difference from dense's, and a cProfile of one forward per fused arm (the top functions by own
 time) go to --out as JSON lines.
 """
 
@@ -83,27 +85,37 @@ def main() -> None:
     rt = compress_model(model, make_codec("fused_lut3"), selection=select_layers(model, "all"), policy="fused",
                         placement="gpu", attach=True, progress=False)  # fmt: skip
     policy = rt.policy
-    kernel_tokens = policy._kernel_tokens
+    routing = (policy._kernel_tokens, policy._per_launch)
 
-    @contextlib.contextmanager
-    def sliced():
-        policy._kernel_tokens = lut3_cuda.MAX_TOKENS * 4
-        try:
-            yield
-        finally:
-            policy._kernel_tokens = kernel_tokens
+    def routed(kernel_tokens: int, per_launch: int):
+        """The policy as cache.prefill_slices / prefill_tokens would build it (the same layers and launches)."""
 
-    arms = {"dense": (dense.model, contextlib.nullcontext), "fused": (model, contextlib.nullcontext),
-            "fused_before": (model, lambda: _before(policy)), "fused_sliced": (model, sliced),
-            "dense_generate": (dense.model, None), "fused_generate": (model, None)}  # fmt: skip (None: generate)
+        @contextlib.contextmanager
+        def ctx():
+            policy._kernel_tokens, policy._per_launch = kernel_tokens, per_launch
+            try:
+                yield
+            finally:
+                policy._kernel_tokens, policy._per_launch = routing
+
+        return ctx
+
+    per, wide = lut3_cuda.MAX_TOKENS, lut3_cuda.WIDE_TOKENS
+    sliced, widened, plain = routed(per * 4, per), routed(wide, wide), contextlib.nullcontext
+    # arm -> (model, the policy's routing, whether a one-token generate rather than a forward)
+    arms = {"dense": (dense.model, plain, False), "fused": (model, plain, False),
+            "fused_before": (model, lambda: _before(policy), False), "fused_sliced": (model, sliced, False),
+            "fused_wide": (model, widened, False), "dense_generate": (dense.model, plain, True),
+            "fused_generate": (model, plain, True), "fused_wide_generate": (model, widened, True)}  # fmt: skip
 
     @torch.no_grad()
     def run(arm):
-        m, ctx = arms[arm]
-        if ctx is None:
+        m, ctx, generate = arms[arm]
+        if generate:
             rt.reset_stats()
-            g = greedy_generate(m, dense.tokenizer, prompts(args.batch), 1, min_new_tokens=1, device=device,
-                                compile=True, deterministic=m is model)  # fmt: skip
+            with ctx():
+                g = greedy_generate(m, dense.tokenizer, prompts(args.batch), 1, min_new_tokens=1, device=device,
+                                    compile=True, deterministic=m is model)  # fmt: skip
             rt.end_generation()
             return g.logits[0]
         with ctx():
@@ -131,6 +143,7 @@ def main() -> None:
             row["vs_dense"], row["vs_dense_iqr"] = r["speed_ratio"], [r["speed_ratio_q1"], r["speed_ratio_q3"]]
             if base == "dense":  # the same forward as fused's: its logits must be fused's bit for bit
                 row["logits_equal_fused"] = bool(torch.equal(logits[arm], logits["fused"]))
+                row["max_dlogit_dense"] = (logits[arm].float() - logits["dense"].float()).abs().max().item()
             prof = cProfile.Profile()
             prof.enable()
             run(arm)

@@ -151,3 +151,20 @@ def test_prmt_matches_ptx_semantics():
     assert int(lut3.prmt(a, b, 0x7654)) == 0x88776655
     assert int(lut3.prmt(a, b, 0x5140)) == 0x66225511
     assert int(lut3.prmt(a, b, 0x000F)) == 0x111111FF  # bit 3 set: the sign of byte 7 (0x88) replicated
+
+
+def test_launches_pick_the_build_and_shared_memory_for_their_tokens():
+    """Decode steps (<= 8 tokens) take the family's build at the next template; 9-32 tokens the wide build (lane's
+    only) at 16, 24 or 32, with one 8-token group of partial sums per 8 tokens; more than 32 is refused."""
+    from harness.fused import lut3_cuda
+
+    assert [lut3_cuda._template(m) for m in (1, 2, 3, 8, 9, 16, 17, 24, 25, 32)] == [1, 2, 4, 8, 16, 16, 24, 24, 32, 32]
+    with pytest.raises(ValueError, match="33 tokens > 32"):
+        lut3_cuda._template(33)
+    assert [lut3_cuda.fused_kernel(m, "chunk") for m in (1, 4, 9, 32)] == ["lut3_gemvc", "lut3_gemvc72", "lut3_gemv",
+                                                                           "lut3_gemv"]  # fmt: skip
+    one = lut3_cuda.SMEM_PER_WARP_BYTES
+    assert [lut3_cuda.shared_bytes(f"lut3_gemv_m{t}", 4) for t in (1, 8, 16, 24, 32)] == [4 * one * g
+                                                                                       for g in (1, 1, 2, 3, 4)]  # fmt: skip
+    assert lut3_cuda.shared_bytes("lut3_ref_m32", 16) <= 48 * 1024  # within the default dynamic shared memory
+    assert {f"lut3_{v}_m{t}" for v in ("gemv", "ref") for t in (16, 24, 32)} <= set(lut3_cuda._NAMES)

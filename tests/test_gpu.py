@@ -330,6 +330,29 @@ def test_every_fused_kernel_equals_the_reference_kernel(tokens):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
+@pytest.mark.parametrize("tokens", [9, 16, 24, 32])
+def test_wide_kernel_equals_its_reference_and_the_float64_product(tokens):
+    """The wide build (9-32 tokens in one launch) gives its reference kernel's output bit for bit at every warp
+    count, on normal and escape-dense weights, and x @ W.T within bf16 rounding of the float64 product (a wrong
+    token group or partial-sum layout would be O(1)); a partial last tile (N = 300) included."""
+    from harness.fused import lut3, lut3_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    normal = torch.randn(300, 1024, device="cuda", generator=g) * 0.02
+    wide = normal * torch.exp2(torch.randint(-10, 10, normal.shape, device="cuda", generator=g).float())
+    x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    for w in (normal.to(torch.bfloat16), wide.to(torch.bfloat16)):
+        p, ref = lut3.encode(w), lut3_cuda.reference_inputs(w)
+        exact = x.double() @ w.double().T
+        for warps in (1, 4, 16):
+            y = lut3_cuda.gemv(x, p, warps=warps)
+            assert torch.equal(y, lut3_cuda.reference_gemv(x, ref, warps=warps)), warps
+            rel = ((y.double() - exact).norm() / exact.norm()).item()
+            assert rel < 1e-2, (warps, rel)
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1)
 def test_prepared_gemv_equals_the_op_and_counts_its_launches():
     """lut3_cuda.Gemv (launches prepared once, the eager paths' route) gives the op's output bit for bit at every
     token count, and adds 1 per launch to the int64 at its counter address; reused, it rewrites only x, M and y."""
@@ -340,12 +363,12 @@ def test_prepared_gemv_equals_the_op_and_counts_its_launches():
     p = lut3.encode(w)
     counts = torch.zeros(4, dtype=torch.int64, device="cuda")
     prepared = lut3_cuda.Gemv(lut3_cuda.addresses(p), list(p.lut_words()), *p.shape, counts.data_ptr() + 2 * 8)
-    for tokens in range(1, 9):
+    for tokens in range(1, lut3_cuda.WIDE_TOKENS + 1):  # past 8: the wide build
         x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
         want = torch.ops.codecllm.lut3_linear(x, lut3_cuda.addresses(p), list(p.lut_words()), 300, counts, 0)
         assert torch.equal(prepared(x), want), tokens
         assert torch.equal(prepared(x), want), tokens  # the same prepared launch, called again
-    assert counts.tolist() == [8, 0, 16, 0]
+    assert counts.tolist() == [32, 0, 64, 0]
 
 
 @pytest.mark.gpu
@@ -436,10 +459,12 @@ def test_every_kernel_family_gives_the_same_logits_through_the_policy(captured):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
-def test_fused_prefill_slices_run_the_prompt_in_the_kernel_on_cuda():
-    """cache.prefill_slices: a prompt of up to 8 x S tokens goes through the kernel 8 tokens a launch, so nothing is
-    decoded at all; counts are launches (ceil(tokens / 8) per layer in the prefill, the lm_head's one position:
-    1); logits torch.equal to the reference (which slices the same way) and close to dense."""
+@pytest.mark.parametrize("options", [{"prefill_slices": 4}, {"prefill_tokens": 32}])
+def test_fused_prefill_runs_the_prompt_in_the_kernel_on_cuda(options):
+    """cache.prefill_slices: a prompt of up to 8 x S tokens goes through the kernel 8 tokens a launch;
+    cache.prefill_tokens: up to 32 in one launch of the wide build. Nothing is decoded at all; counts are launches
+    (per layer in the prefill: ceil(tokens / 8) sliced, 1 wide; the lm_head's one position: 1); logits torch.equal
+    to the reference (which routes the same way) and close to dense."""
     from harness.exactness import exactness_reference
     from harness.phases.module import GenerationModule
 
@@ -449,13 +474,14 @@ def test_fused_prefill_slices_run_the_prompt_in_the_kernel_on_cuda():
     dense = greedy_generate(loaded.model, loaded.tokenizer, prompts, n, n)
     model = copy.deepcopy(loaded.model)
     runtime = compress_model(model, make_codec("fused_lut3"), policy="fused", placement="gpu", layers="all",
-                             policy_options={"prefill_slices": 4}, progress=False)  # fmt: skip
+                             policy_options=options, progress=False)  # fmt: skip
     runtime.reset_stats()
     out = greedy_generate(model, loaded.tokenizer, prompts, n, n)
     runtime.end_generation()
     s = runtime.stats.snapshot()
     head = {layer.name for layer in runtime.layers if layer.name.endswith("lm_head")}
-    first = {layer.name: 1 if layer.name in head else -(-tokens // 8) for layer in runtime.layers}
+    launches = 1 if options.get("prefill_tokens") else -(-tokens // 8)
+    first = {layer.name: 1 if layer.name in head else launches for layer in runtime.layers}
     assert s["decompressions_per_pass"] == [0] * n
     assert s["in_kernel_decodes_per_pass"] == [sum(first.values())] + [len(runtime.layers)] * (n - 1)
     assert s["in_kernel_decodes_per_layer"] == {name: f + n - 1 for name, f in first.items()}

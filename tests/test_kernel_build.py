@@ -48,3 +48,12 @@ def test_ptxas_report_is_parsed():
         "ptxas info    : Used 64 registers, used 1 barriers\n"
     )
     assert kernel_build.resources(log) == {"k_m1": {"registers": 64, "stack_bytes": 16, "spill_bytes": 8}}
+
+
+def test_wide_builds_do_not_spill(table):
+    """The wide builds (9-32 tokens: a short prefill in one launch) keep their accumulators in registers: under
+    __launch_bounds__(512) at most 128 registers, and no spill."""
+    wide = {n: r for n, r in table.items() if n.rsplit("_m", 1)[-1] in ("16", "24", "32")}
+    assert sorted(wide) == [f"lut3_{v}_m{m}" for v in ("gemv", "ref") for m in (16, 24, 32)]
+    for name, r in wide.items():
+        assert r["registers"] <= 128 and r["spill_bytes"] == 0 and r["stack_bytes"] == 0, (name, r)

@@ -1,7 +1,7 @@
 """The lut3 kernels on CUDA: compiled once per process by NVRTC (through torch, no extra package), launched on the
 current stream, and registered as torch ops that torch.compile keeps opaque and CUDA graphs capture.
 
-    y = gemv(x2d, packed)                 # x2d [M <= 8, K] bf16 -> [M, N] bf16, W decoded in registers
+    y = gemv(x2d, packed)                 # x2d [M <= 32, K] bf16 -> [M, N] bf16, W decoded in registers
     y = reference_gemv(x2d, ref)          # the same kernel fed the uncompressed weights (exactness reference)
     w = decode_gpu(packed)                # the kernel's decode written out: bit-exactness check of the GPU path
     torch.ops.codecllm.lut3_linear(...)   # the op the fused policy calls (counts its launches on the device)
@@ -22,11 +22,14 @@ import torch
 from harness.fused import lut3
 from harness.fused.launch import INT, PTR, Launch
 
-MAX_TOKENS = 8  # tokens per launch (the mma's n); more tokens fall back to decode + matmul
+MAX_TOKENS = 8  # tokens per launch of the decode-step builds (the mma's n); more fall back to decode + matmul
+WIDE_TOKENS = 32  # the wide builds (lut3_gemv_m16/24/32: one mma per 8 tokens): a short prefill in one launch
 _TEMPLATES = (1, 2, 4, 8)
+_WIDE_TEMPLATES = (16, 24, 32)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
 _BUILDS = ("gemv", "gemv72", "gemvc", "gemvc72", "gemvcp", "gemvcp72")
 _NAMES = [f"lut3_{v}_m{m}" for v in (*_BUILDS, "ref") for m in _TEMPLATES]
+_NAMES += [f"lut3_{v}_m{m}" for v in ("gemv", "ref") for m in _WIDE_TEMPLATES]
 _NAMES += ["lut3_decode"]
 _NAMES += ["lut3_diag1_m1"]  # bench/lut3_kernel.py only: the escapes left undecoded, to time what they cost
 _kernels: dict | None = None
@@ -92,10 +95,10 @@ def warps_per_tile(tiles: int, iters: int, tokens: int = 1) -> int:
 
 
 def _template(m: int) -> int:
-    for t in _TEMPLATES:
+    for t in (*_TEMPLATES, *_WIDE_TEMPLATES):
         if m <= t:
             return t
-    raise ValueError(f"lut3 kernel: {m} tokens > {MAX_TOKENS}")
+    raise ValueError(f"lut3 kernel: {m} tokens > {WIDE_TOKENS}")
 
 
 def _check(x2d: torch.Tensor, k: int) -> None:
@@ -129,7 +132,9 @@ KERNEL_CHOICES = ("auto", *FAMILIES)  # cache.kernel
 
 def fused_kernel(tokens: int, family: str = "auto") -> str:
     """The build that multiplies `tokens` tokens: `family`'s (cache.kernel), or with "auto" what
-    CODECLLM_LUT3_KERNEL names, else the lane family."""
+    CODECLLM_LUT3_KERNEL names, else the lane family. Past MAX_TOKENS: the wide build, lane's only."""
+    if tokens > MAX_TOKENS:
+        return "lut3_gemv"
     choice = _FUSED_CHOICE if family == "auto" else family
     if choice in FUSED_KERNELS:
         return choice
@@ -137,11 +142,18 @@ def fused_kernel(tokens: int, family: str = "auto") -> str:
     return base if tokens <= 2 else f"{base}72"
 
 
-SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums
+SMEM_PER_WARP_BYTES = 16 * 8 * 4  # lut3_kernel.cu's SMEM_PER_WARP: split-K partial sums of 8 tokens
+
+
+def shared_bytes(name: str, warps: int) -> int:
+    """A GEMV launch's dynamic shared memory: each warp's split-K partial sums, 16 rows x 8 tokens of fp32, times
+    the wide builds' groups of 8 tokens (`name` ends in _m<tokens template>)."""
+    groups = max(1, int(name.rsplit("_m", 1)[1]) // 8)
+    return SMEM_PER_WARP_BYTES * groups * warps
 
 
 def _prepared(name: str, tiles: int, warps: int, args: list) -> Launch:
-    return Launch(kernels()[name], (tiles, 1, 1), (32 * warps, 1, 1), SMEM_PER_WARP_BYTES * warps, args)
+    return Launch(kernels()[name], (tiles, 1, 1), (32 * warps, 1, 1), shared_bytes(name, warps), args)
 
 
 def _launch(name: str, tiles: int, warps: int, args: list) -> None:
@@ -150,7 +162,7 @@ def _launch(name: str, tiles: int, warps: int, args: list) -> None:
 
 class Gemv:
     """The fused kernel for one matrix with its launches prepared (one per token template, built on first use):
-    `Gemv(...)(x2d)` is `x2d @ W.T` for M <= 8 with a few microseconds of host time, for the eager paths that run
+    `Gemv(...)(x2d)` is `x2d @ W.T` for M <= 32 (past 8: the wide build) with a few microseconds of host time, for the eager paths that run
     per layer (a prefill in 8-token slices, the eager fused runtime). `ptrs`: `addresses(p)`; `lut`:
     `p.lut_words()`; `counter`: the address of the int64 the kernel adds 1 to per launch."""
 
@@ -192,7 +204,7 @@ def gemv(
     warps: int | None = None,
     kernel: str | None = None,
 ):
-    """x2d @ W.T for M <= 8 tokens, W decoded in registers. `counter` (int64, one element) counts launches.
+    """x2d @ W.T for M <= 32 tokens (past 8: the wide build), W decoded in registers. `counter` (int64, one element) counts launches.
     `kernel`: fused_kernel(M) unless named; "lut3_diag1" is the bench's diagnostic variant (escapes left undecoded:
     wrong results on purpose)."""
     _check(x2d, p.shape[1])
@@ -281,7 +293,7 @@ def _scratch_counter(device: torch.device) -> torch.Tensor:
 def lut3_linear(
     x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int, family: str = "auto"
 ) -> torch.Tensor:
-    """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 8 tokens) by `family`'s build (`fused_kernel`); adds 1
+    """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 32 tokens) by `family`'s build (`fused_kernel`); adds 1
     to counts.view(-1)[slot] on the device. The weights are addresses, not tensors: see `address`."""
     return _gemv_launch(fused_kernel(x2d.shape[0], family), x2d, n, ptrs, lut, counts.view(-1)[slot:])
 

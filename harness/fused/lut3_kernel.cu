@@ -7,7 +7,8 @@
 // block, reduced through shared memory in warp order: deterministic). Per iteration (64 k) a lane loads 32
 // sign+mantissa bytes (2 x 16 B) and 3 code words, decodes its 32 weights exactly into 16 bf16x2 A-fragment
 // registers with byte permutes, and issues 4 mma.m16n8k16 (bf16 x bf16 -> fp32). Tokens are the n dimension (up
-// to 8).
+// to 8). The wide builds (lut3_gemv_m16/m24/m32, a short prompt's prefill) issue the 4 mma once per group of 8
+// tokens on the same decoded fragments, so the weights are read and decoded once for up to 32 tokens.
 //
 // Escapes (code 7: an exponent outside the tensor's table of 7) are decoded in the same pass, with no branch and no
 // extra arithmetic on x: a warp prefix count gives each lane the position of its first escape in the list, the lane
@@ -40,7 +41,7 @@ typedef unsigned long long u64;
 #define ESC_PAD 16                  // bytes after the escape list (lut3.ESC_PAD)
 #define CHUNK_WORDS 32              // words of the escape list a warp loads per iteration: one per lane
 #define L2_AHEAD 4                  // lut3_gemvcp*: iterations between a pair's L2 prefetch and its loads
-#define SMEM_PER_WARP (16 * 8 * 4)  // the block's split-K partial sums: 16 rows x 8 tokens of fp32 per warp
+#define SMEM_PER_WARP (16 * 8 * 4)  // the block's split-K partial sums: 16 rows x 8 tokens of fp32 per warp (x MT / 8: wide)
 
 struct Lut {  // the table of rotated exponents [e0 e7..e1] (lut3.py: rot), code c = byte c of t0:t1
   u32 t0, t1;
@@ -274,6 +275,23 @@ __device__ __forceinline__ void mma_iter(const u32* A, const u32* __restrict__ x
   }
 }
 
+// The wide builds' mma: per k-step, one mma per group j of 8 tokens (token 8j + g's x) on the same A fragments;
+// one accumulator chain per group (the groups' mma are independent, so their latencies overlap).
+template <int NT>
+__device__ __forceinline__ void mma_wide(const u32* A, const u32* __restrict__ x, int M, int K, int it, int g, int t,
+                                         float (*c)[4]) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int tok = 8 * j + g;
+      const u32* xp = x + (((size_t)(tok < M ? tok : 0) * K + it * 64 + 2 * t) >> 1) + 8 * s;
+      const u32 v0 = __ldg(xp), v1 = __ldg(xp + 4);
+      mma16816(c[j], A + 4 * s, tok < M ? v0 : 0u, tok < M ? v1 : 0u);
+    }
+  }
+}
+
 template <int MT, bool FUSED, int DIAG = 0, bool CHUNK = false, int PF = 0>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, const uint4* __restrict__ sm,
                                      const u32* __restrict__ codes, const u8* __restrict__ esc_exp,
@@ -289,6 +307,8 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   const u32* xrow = reinterpret_cast<const u32*>(x + (size_t)(g < M ? g : 0) * K);
   const bool has_tok = g < M;
   float c[4] = {0.f, 0.f, 0.f, 0.f}, c2[4] = {0.f, 0.f, 0.f, 0.f};
+  constexpr int NT = MT > 8 ? MT / 8 : 1;  // groups of 8 tokens (the wide builds: MT = 16, 24, 32)
+  float cw[NT][4] = {};                    // the wide builds' accumulators (unused, and compiled away, at NT = 1)
   int esc_pos = (FUSED && it0 < it1) ? esc_off[tile * I + it0] : 0;
   // CHUNK: the readable words of the escape list (esc_off's last entry is the escape count)
   const int words = (CHUNK && it0 < it1) ? (esc_off[(size_t)gridDim.x * I] + ESC_PAD) >> 2 : 0;
@@ -311,18 +331,56 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
     u32 A[16];
     if (FUSED) locate<DIAG, CHUNK>(a, lane, esc_pos, esc_exp, b, it + 1 < it1, words);
     operands<FUSED, DIAG>(a, lut, esc_exp, A);
-    mma_iter(A, xrow, it, t, has_tok, c, c2);
+    if constexpr (NT == 1) {
+      mma_iter(A, xrow, it, t, has_tok, c, c2);
+    } else {
+      mma_wide<NT>(A, reinterpret_cast<const u32*>(x), M, K, it, g, t, cw);
+    }
     if (it + 1 < it1) {
       if (it + 2 < it1) fetch<FUSED>(a, la + 64, lanes_total, sm, codes, raw);
       if (FUSED) locate<DIAG, CHUNK>(b, lane, esc_pos, esc_exp, a, it + 2 < it1, words);
       operands<FUSED, DIAG>(b, lut, esc_exp, A);
-      mma_iter(A, xrow, it + 1, t, has_tok, c, c2);
+      if constexpr (NT == 1) {
+        mma_iter(A, xrow, it + 1, t, has_tok, c, c2);
+      } else {
+        mma_wide<NT>(A, reinterpret_cast<const u32*>(x), M, K, it + 1, g, t, cw);
+      }
     }
+  }
+  const int row0 = tile * 16;
+  if constexpr (NT > 1) {
+    // cw[j][e]: row g + 8 (e / 2), token 8j + 2t + e % 2; partial sums [S][16 rows][MT tokens]
+    if (S == 1) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = g + 8 * (e >> 1), col = 8 * j + 2 * t + (e & 1);
+          if (col < M && row0 + r < N) y[(size_t)col * N + row0 + r] = f32_to_bf16(cw[j][e]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[(warp * 16 + g + 8 * (e >> 1)) * MT + 8 * j + 2 * t + (e & 1)] = cw[j][e];
+      }
+      __syncthreads();
+      if (warp == 0) {
+        for (int idx = lane; idx < 16 * MT; idx += 32) {
+          const int r = idx / MT, col = idx % MT;
+          float acc = red[r * MT + col];
+          for (int w = 1; w < S; ++w) acc += red[(w * 16 + r) * MT + col];  // warp order: deterministic
+          if (col < M && row0 + r < N) y[(size_t)col * N + row0 + r] = f32_to_bf16(acc);
+        }
+      }
+    }
+    if (counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(counter, 1ull);
+    return;
   }
 #pragma unroll
   for (int e = 0; e < 4; ++e) c[e] += c2[e];
   // c[0]: (row g, token 2t), c[1]: (g, 2t+1), c[2]: (g+8, 2t), c[3]: (g+8, 2t+1)
-  const int row0 = tile * 16;
   if (S == 1) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -357,6 +415,13 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
                    Lut{(u32)t0, (u32)t1}, y, N, I, counter);                                                           \
   }
 
+#define LUT3_REF(MT)                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                                    \
+      const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {                        \
+    gemv<MT, false>(x, M, K, nullptr, nullptr, nullptr, nullptr, ptr_of<uint4>(raw_lo, raw_hi),                        \
+                    Lut{0, 0}, y, N, I, counter);                                                                      \
+  }
+
 #define LUT3_GEMV(MT)                                                                                                  \
   LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT, false, 0)                                                          \
   LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT, false, 0)                                                               \
@@ -364,16 +429,20 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   LUT3_FUSED(lut3_gemvc72, __maxnreg__(72), MT, true, 0)                                                               \
   LUT3_FUSED(lut3_gemvcp, __launch_bounds__(512), MT, true, L2_AHEAD)                                                  \
   LUT3_FUSED(lut3_gemvcp72, __maxnreg__(72), MT, true, L2_AHEAD)                                                       \
-  extern "C" __global__ void __launch_bounds__(512) lut3_ref_m##MT(                                                    \
-      const u16* x, int M, int K, u32 raw_lo, u32 raw_hi, u16* y, int N, int I, u64* counter) {                        \
-    gemv<MT, false>(x, M, K, nullptr, nullptr, nullptr, nullptr, ptr_of<uint4>(raw_lo, raw_hi),                        \
-                    Lut{0, 0}, y, N, I, counter);                                                                      \
-  }
+  LUT3_REF(MT)
+
+// The wide builds (9-32 tokens: a short prompt's prefill in one launch): the lane family only, and its reference.
+#define LUT3_WIDE(MT)                                                                                                  \
+  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT, false, 0)                                                          \
+  LUT3_REF(MT)
 
 LUT3_GEMV(1)
 LUT3_GEMV(2)
 LUT3_GEMV(4)
 LUT3_GEMV(8)
+LUT3_WIDE(16)
+LUT3_WIDE(24)
+LUT3_WIDE(32)
 
 // bench/lut3_kernel.py only: the one-token kernel with the escapes left undecoded (wrong results on purpose).
 extern "C" __global__ void __launch_bounds__(512) lut3_diag1_m1(

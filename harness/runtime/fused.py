@@ -2,8 +2,9 @@
 
 With at most `lut3_cuda.MAX_TOKENS` tokens on CUDA (a decode step at batch <= 8), a compressed layer's forward is
 one call of the opaque op `codecllm::lut3_linear` on the compressed bytes in VRAM: no dense weight exists at any
-point. With `prefill_slices=S`, up to 8 x S tokens (a short prompt's prefill) go through the same op 8 tokens a
-launch. Otherwise (a prefill with more tokens, or the CPU) the weight is decoded (on CUDA by the kernel's own
+point. With `prefill_tokens=P` (up to 32), a forward of up to P tokens (a short prompt's prefill) is one launch of
+the kernel's wide build, which reads and decodes the weight once for all of them; with `prefill_slices=S`, up to
+8 x S tokens go through the decode-step kernel 8 tokens a launch. Otherwise (a prefill with more tokens, or the CPU) the weight is decoded (on CUDA by the kernel's own
 decode, lut3_cuda.decode_gpu; on the CPU by lut3.decode) and multiplied by F.linear: ordinary, counted
 decompressions. Eager, both routes launch from arguments the policy prepared once per layer (lut3_cuda.Gemv,
 lut3_cuda.Decode), because an eager prefill pays the host cost of every layer's launch.
@@ -57,6 +58,20 @@ def check_kernel(kernel: str) -> None:
     if kernel not in lut3_cuda.KERNEL_CHOICES:
         raise HarnessError(f"cache.kernel={kernel!r} is invalid; valid: {', '.join(lut3_cuda.KERNEL_CHOICES)} "
                            "(auto: the default family)")  # fmt: skip
+
+
+def check_prefill(prefill_slices: object, prefill_tokens: object) -> None:
+    """cache.prefill_slices and cache.prefill_tokens: two ways to run a short prefill in the kernel; one at a time."""
+    if isinstance(prefill_slices, bool) or not isinstance(prefill_slices, int) or not 0 <= prefill_slices <= 64:
+        raise HarnessError(f"cache.prefill_slices={prefill_slices!r} is invalid; give 0 (decode + F.linear) to 64 "
+                           "(prompts of up to 64 x 8 tokens through the kernel, 8 tokens a launch)")  # fmt: skip
+    wide = lut3_cuda.WIDE_TOKENS
+    if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) or not 0 <= prefill_tokens <= wide:
+        raise HarnessError(f"cache.prefill_tokens={prefill_tokens!r} is invalid; give 0 (off) to {wide} (a forward of "
+                           f"up to that many tokens in one launch of the kernel's wide build)")  # fmt: skip
+    if prefill_slices and prefill_tokens:
+        raise HarnessError("cache.prefill_slices and cache.prefill_tokens both route a prefill through the kernel; "
+                           "set one of them to 0")  # fmt: skip
 
 
 def refuse_transposed(names: list[str]) -> None:
@@ -129,10 +144,9 @@ class Fused(CachePolicy):
     name = "fused"
     computes_linear = True
 
-    def __init__(self, runtime: CompressedRuntime, prefill_slices: int = 0, kernel: str = "auto") -> None:
-        if isinstance(prefill_slices, bool) or not isinstance(prefill_slices, int) or not 0 <= prefill_slices <= 64:
-            raise HarnessError(f"cache.prefill_slices={prefill_slices!r} is invalid; give 0 (decode + F.linear) to 64 "
-                               "(prompts of up to 64 x 8 tokens through the kernel, 8 tokens a launch)")  # fmt: skip
+    def __init__(self, runtime: CompressedRuntime, prefill_slices: int = 0, kernel: str = "auto",
+                 prefill_tokens: int = 0) -> None:  # fmt: skip
+        check_prefill(prefill_slices, prefill_tokens)
         check_kernel(kernel)
         super().__init__(runtime)
         self.kernel = kernel  # the fused kernel's family (lut3_cuda.fused_kernel): one policy, one family
@@ -140,7 +154,8 @@ class Fused(CachePolicy):
         # up to 8 x prefill_slices, 8 tokens a launch, instead of decoding every layer for cuBLAS: each launch reads
         # only the compressed bytes, and the eager decode's per-layer host work (the 8B prefill's cost:
         # docs/fused.md) is replaced by a few op calls.
-        self._kernel_tokens = lut3_cuda.MAX_TOKENS * max(1, prefill_slices)
+        self._kernel_tokens = max(lut3_cuda.MAX_TOKENS * max(1, prefill_slices), prefill_tokens)
+        self._per_launch = max(lut3_cuda.MAX_TOKENS, prefill_tokens)  # tokens one launch takes
         device, linear = runtime.device, runtime.linear_layers
         placement = "gpu" if all(layer.ct.payload.device == device for layer in linear) else "cpu"
         check_setup(runtime.codec.name, placement, device, bool(runtime.embedding_layers))
@@ -179,7 +194,7 @@ class Fused(CachePolicy):
     # -- the forward path ------------------------------------------------------------------------------------------
     def linear(self, layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        m, per = x2d.shape[0], lut3_cuda.MAX_TOKENS
+        m, per = x2d.shape[0], self._per_launch
         if x.is_cuda and m <= self._kernel_tokens:
             x2d = x2d.contiguous()
             n = layer.out_features
