@@ -308,6 +308,16 @@ def test_lut3_decode_gpu_is_bit_exact(shape):
     assert torch.equal(codec.decode(ct_cpu).cpu().view(torch.int16), w.view(torch.int16))  # bytes in host memory
 
 
+def _gemv_case(rows: int, tokens: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """x [tokens, 1024] and two bf16 [rows, 1024] weights: normal(0, 0.02) (a few % escapes) and escape-dense
+    (exponents spread over ~20 values: more than a window's 7 escapes per lane), seeded by `tokens`."""
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    normal = torch.randn(rows, 1024, device="cuda", generator=g) * 0.02
+    dense_escapes = normal * torch.exp2(torch.randint(-10, 10, normal.shape, device="cuda", generator=g).float())
+    x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    return x, (normal.to(torch.bfloat16), dense_escapes.to(torch.bfloat16))
+
+
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
 @pytest.mark.parametrize("tokens", [1, 3, 8])
@@ -316,11 +326,8 @@ def test_every_fused_kernel_equals_the_reference_kernel(tokens):
     every warp count, on weights with escapes and on escape-dense ones (more than a window's 7 per lane)."""
     from harness.fused import lut3, lut3_cuda
 
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    normal = torch.randn(512, 1024, device="cuda", generator=g) * 0.02
-    wide = normal * torch.exp2(torch.randint(-10, 10, normal.shape, device="cuda", generator=g).float())
-    x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
-    for w in (normal.to(torch.bfloat16), wide.to(torch.bfloat16)):
+    x, weights = _gemv_case(512, tokens)
+    for w in weights:
         p, ref = lut3.encode(w), lut3_cuda.reference_inputs(w)
         for warps in (1, 4, 16):
             want = lut3_cuda.reference_gemv(x, ref, warps=warps)
@@ -337,11 +344,8 @@ def test_wide_kernel_equals_its_reference_and_the_float64_product(tokens):
     token group or partial-sum layout would be O(1)); a partial last tile (N = 300) included."""
     from harness.fused import lut3, lut3_cuda
 
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    normal = torch.randn(300, 1024, device="cuda", generator=g) * 0.02
-    wide = normal * torch.exp2(torch.randint(-10, 10, normal.shape, device="cuda", generator=g).float())
-    x = torch.randn(tokens, 1024, device="cuda", generator=g).to(torch.bfloat16)
-    for w in (normal.to(torch.bfloat16), wide.to(torch.bfloat16)):
+    x, weights = _gemv_case(300, tokens)
+    for w in weights:
         p, ref = lut3.encode(w), lut3_cuda.reference_inputs(w)
         exact = x.double() @ w.double().T
         for warps in (1, 4, 16):
