@@ -168,6 +168,31 @@ def profile_one(fn, tokens: int, top: int = 12, host: bool = False) -> dict:
     return out
 
 
+# arm -> (policy, captured, embeddings compressed): nvcomp_ans_batched, decompress then matmul
+BLOCK_ARMS = {
+    "block_eager": ("block", False, False),
+    "block_compiled": ("block", True, False),
+    "none_compiled": ("none", True, False),
+    "block_eager_emb": ("block", False, True),
+    "block_compiled_emb": ("block", True, True),
+}
+# arm -> (compiled, inside the policy's reference(), cache options; "sliced"/"wide": the --prefill-* routes)
+FUSED_ARMS = {
+    "fused_compiled": (True, False, {}),
+    "fused_eager": (False, False, {}),
+    "fused_ref_compiled": (True, True, {}),
+    "fused_sliced_compiled": (True, False, "sliced"),
+    "fused_sliced_ref_compiled": (True, True, "sliced"),
+    "fused_wide_compiled": (True, False, "wide"),
+    "fused_wide_ref_compiled": (True, True, "wide"),
+    # the kernel families (cache.kernel), paired with fused_compiled
+    "fused_lane_compiled": (True, False, {"kernel": "lane"}),
+    "fused_chunk_compiled": (True, False, {"kernel": "chunk"}),
+    "fused_prefetch_compiled": (True, False, {"kernel": "prefetch"}),
+}
+ARMS = ("dense_eager", "dense_compiled", "dense_compiled_ref", *BLOCK_ARMS, *FUSED_ARMS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama_1b")
@@ -175,7 +200,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
-        "--arms", nargs="+", default=["dense_eager", "dense_compiled", "block_eager", "block_compiled", "none_compiled"]
+        "--arms",
+        nargs="+",
+        choices=ARMS,  # a misspelt arm is an error at once, not an arm silently left out of a 10-minute device call
+        default=["dense_eager", "dense_compiled", "block_eager", "block_compiled", "none_compiled"],
+        metavar="ARM",
+        help="arms to build and time (the module docstring says what each is)",
     )
     ap.add_argument("--out", default="bench_compile.jsonl")
     ap.add_argument("--prefill-slices", type=int, default=4,
@@ -216,13 +246,7 @@ def main() -> None:
     encoded: dict = {}
     encoded_lut3: dict = {}
     stack = contextlib.ExitStack()  # the reference arm's policy stays in reference() until the end
-    for arm, policy, captured, embeddings in (
-        ("block_eager", "block", False, False),
-        ("block_compiled", "block", True, False),
-        ("none_compiled", "none", True, False),
-        ("block_eager_emb", "block", False, True),
-        ("block_compiled_emb", "block", True, True),
-    ):
+    for arm, (policy, captured, embeddings) in BLOCK_ARMS.items():
         if arm not in args.arms:
             continue
         t = time.perf_counter()
@@ -252,18 +276,9 @@ def main() -> None:
                 "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
             }
         )
-    sliced, wide = {"prefill_slices": args.prefill_slices}, {"prefill_tokens": args.prefill_tokens}
-    for arm, compile_, reference, options in (("fused_compiled", True, False, {}),
-                                              ("fused_eager", False, False, {}),
-                                              ("fused_ref_compiled", True, True, {}),
-                                              ("fused_sliced_compiled", True, False, sliced),
-                                              ("fused_sliced_ref_compiled", True, True, sliced),
-                                              ("fused_wide_compiled", True, False, wide),
-                                              ("fused_wide_ref_compiled", True, True, wide),
-                                              # the kernel families (cache.kernel), paired with fused_compiled
-                                              ("fused_lane_compiled", True, False, {"kernel": "lane"}),
-                                              ("fused_chunk_compiled", True, False, {"kernel": "chunk"}),
-                                              ("fused_prefetch_compiled", True, False, {"kernel": "prefetch"})):  # fmt: skip
+    routes = {"sliced": {"prefill_slices": args.prefill_slices}, "wide": {"prefill_tokens": args.prefill_tokens}}
+    for arm, (compile_, reference, options) in FUSED_ARMS.items():
+        options = routes[options] if isinstance(options, str) else options
         if arm not in args.arms:
             continue
         t = time.perf_counter()

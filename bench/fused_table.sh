@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fused tables of docs/fused.md, one GPU:
-#   bash bench/fused_table.sh [kernel|families|families-8b|wide-8b|1b|8b|all] [out-dir]
+#   bash bench/fused_table.sh [kernel|families|families-8b|wide-8b|candidates-8b|1b|8b|all] [out-dir]
 # kernel: bench/lut3_kernel.py (every matrix shape against cuBLAS and the exactness reference, M=1 and 8, with the
 #         diagnostic variants that split the time);
 # families: the same on the 8B matrices (and 1B's gate/up) at 4/8/16 warps, every build of every kernel family
@@ -10,6 +10,10 @@
 # wide-8b: the 8B prefill with cache.prefill_tokens=32 (one launch of the wide build per layer, no decode):
 #         bench/prefill_host.py's forward and one-token arms (~2 min), then the whole 8B b=1 generation, dense
 #         compiled against fused compiled with and without it and its exactness reference (~8 min).
+# candidates-8b: every candidate not yet timed end to end, in one whole-model run (8B, b=1, 64 tokens, 3 paired
+#         rounds, --split; ~8-9 min, one device call): dense compiled, the default (fused_compiled) and its
+#         reference, the chunk and prefetch families, and cache.prefill_tokens=32 with its reference. A candidate
+#         that is faster than fused_compiled, paired, with logits equal to its reference, is the next default.
 # 1b/8b:  bench/bench_compile.py, one process per shape: dense compiled, block compiled (decompress-then-matmul),
 #         fused compiled and its exactness reference, arms alternated in rounds, b=1 and b=8.
 set -euo pipefail
@@ -32,6 +36,11 @@ if [[ "$which" == wide-8b ]]; then
   python bench/prefill_host.py --shape llama_8b --rounds 10 --out "$out/prefill_wide_8b.jsonl"
   python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 3 --split \
     --arms dense_compiled fused_compiled fused_wide_compiled fused_wide_ref_compiled --out "$out/fused_wide_8b.jsonl"
+fi
+if [[ "$which" == candidates-8b ]]; then
+  python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 3 --split \
+    --arms dense_compiled fused_compiled fused_ref_compiled fused_chunk_compiled fused_prefetch_compiled \
+    fused_wide_compiled fused_wide_ref_compiled --out "$out/fused_candidates_8b.jsonl"
 fi
 # rounds: 5 at 1B (~4 min), 3 at 8B (~9 min, inside a 10-minute device call); --split times the eager prefill
 # alone, --profile-prefill says where the fused arm's prefill time goes.
