@@ -41,7 +41,7 @@ typedef unsigned long long u64;
 #define ESC_PAD 16                  // bytes after the escape list (lut3.ESC_PAD)
 #define CHUNK_WORDS 32              // words of the escape list a warp loads per iteration: one per lane
 #define L2_AHEAD 4                  // lut3_gemvcp*: iterations between a pair's L2 prefetch and its loads
-#define SMEM_PER_WARP (16 * 8 * 4)  // the block's split-K partial sums: 16 rows x 8 tokens of fp32 per warp (x MT / 8: wide)
+#define SMEM_PER_WARP (16 * 8 * 4)  // split-K partial sums: 16 rows x 8 tokens of fp32 per warp (wide: x MT / 8)
 
 struct Lut {  // the table of rotated exponents [e0 e7..e1] (lut3.py: rot), code c = byte c of t0:t1
   u32 t0, t1;

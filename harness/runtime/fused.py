@@ -4,9 +4,9 @@ With at most `lut3_cuda.MAX_TOKENS` tokens on CUDA (a decode step at batch <= 8)
 one call of the opaque op `codecllm::lut3_linear` on the compressed bytes in VRAM: no dense weight exists at any
 point. With `prefill_tokens=P` (up to 32), a forward of up to P tokens (a short prompt's prefill) is one launch of
 the kernel's wide build, which reads and decodes the weight once for all of them; with `prefill_slices=S`, up to
-8 x S tokens go through the decode-step kernel 8 tokens a launch. Otherwise (a prefill with more tokens, or the CPU) the weight is decoded (on CUDA by the kernel's own
-decode, lut3_cuda.decode_gpu; on the CPU by lut3.decode) and multiplied by F.linear: ordinary, counted
-decompressions. Eager, both routes launch from arguments the policy prepared once per layer (lut3_cuda.Gemv,
+8 x S tokens go through the decode-step kernel 8 tokens a launch. Otherwise (a prefill with more tokens, or the
+CPU) the weight is decoded (on CUDA by the kernel's own decode, lut3_cuda.decode_gpu; on the CPU by lut3.decode)
+and multiplied by F.linear: ordinary, counted decompressions. Eager, both routes launch from arguments the policy prepared once per layer (lut3_cuda.Gemv,
 lut3_cuda.Decode), because an eager prefill pays the host cost of every layer's launch.
 
 Counters. Each kernel launch adds 1 to its layer's slot of a device tensor (inside a CUDA graph too), so
