@@ -163,8 +163,9 @@ def _launch(name: str, tiles: int, warps: int, args: list) -> None:
 class Gemv:
     """The fused kernel for one matrix with its launches prepared (one per token template, built on first use):
     `Gemv(...)(x2d)` is `x2d @ W.T` for M <= 32 (past 8: the wide build) with a few microseconds of host time, for
-    the eager paths that run per layer (a short prefill, in one launch or in 8-token slices; the eager runtime). `ptrs`: `addresses(p)`; `lut`:
-    `p.lut_words()`; `counter`: the address of the int64 the kernel adds 1 to per launch."""
+    the eager paths that run per layer (a short prefill, in one launch or in 8-token slices; the eager runtime).
+    `ptrs`: `addresses(p)`; `lut`: `p.lut_words()`; `counter`: the address of the int64 the kernel adds 1 to per
+    launch."""
 
     def __init__(self, ptrs: list[int], lut: list[int], n: int, k: int, counter: int, warps: int | None = None,
                  family: str = "auto"):  # fmt: skip
@@ -205,8 +206,8 @@ def gemv(
     kernel: str | None = None,
 ):
     """x2d @ W.T for M <= 32 tokens (past 8: the wide build), W decoded in registers. `counter` (int64, one
-    element) counts launches. `kernel`: fused_kernel(M) unless named; "lut3_diag1" is the bench's diagnostic variant (escapes left undecoded:
-    wrong results on purpose)."""
+    element) counts launches. `kernel`: fused_kernel(M) unless named; "lut3_diag1" is the bench's diagnostic
+    variant (escapes left undecoded: wrong results on purpose)."""
     _check(x2d, p.shape[1])
     counter = counter if counter is not None else _scratch_counter(x2d.device)
     kernel = kernel or fused_kernel(x2d.shape[0])
