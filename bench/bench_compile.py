@@ -11,7 +11,11 @@ of every arm, the order rotated), so every ratio compares generations that ran s
   block_compiled     the same weights through the capturable block policy, compiled like dense_compiled
   none_compiled      the capturable none policy (each layer decoded at its use), compiled
   fused_compiled     cache=fused: every linear layer in lut3 (codec fused_lut3), decoded in registers inside the
-                     GEMV (harness/fused/lut3_kernel.cu), compiled; warps per tile by lut3_cuda.warps_per_tile
+                     GEMV (harness/fused/lut3_kernel.cu), compiled; warps per tile by lut3_cuda.warps_per_tile;
+                     a prompt of up to 32 tokens in one launch of the wide build (cache.prefill_tokens' default)
+  fused_decoded_compiled
+                     the same with cache.prefill_tokens=0: the eager prefill decodes each layer for F.linear (the
+                     default until 2026-12-07, so fused_compiled in rows before then)
   fused_eager        the same, eager
   fused_ref_compiled the same policy inside its reference(): the lut3 kernel fed the uncompressed weights, the
                      exactness reference of fused_compiled
@@ -20,7 +24,8 @@ of every arm, the order rotated), so every ratio compares generations that ran s
                      tokens is multiplied in the kernel 8 tokens a launch, instead of decoded for cuBLAS
   fused_wide_compiled, fused_wide_ref_compiled
                      the same two with cache.prefill_tokens=--prefill-tokens: a prompt of up to that many tokens
-                     (at most 32) multiplied in one launch of the kernel's wide build
+                     (at most 32) multiplied in one launch of the kernel's wide build (at 32, the default: the same
+                     as fused_compiled and fused_ref_compiled)
   fused_lane_compiled, fused_chunk_compiled, fused_prefetch_compiled
                      fused_compiled with cache.kernel=lane|chunk|prefetch (the fused kernel's families): an A/B of
                      the kernels inside the whole model; each family's logits must equal fused_compiled's and
@@ -181,6 +186,7 @@ FUSED_ARMS = {
     "fused_compiled": (True, False, {}),
     "fused_eager": (False, False, {}),
     "fused_ref_compiled": (True, True, {}),
+    "fused_decoded_compiled": (True, False, {"prefill_tokens": 0}),
     "fused_sliced_compiled": (True, False, "sliced"),
     "fused_sliced_ref_compiled": (True, True, "sliced"),
     "fused_wide_compiled": (True, False, "wide"),
@@ -276,7 +282,8 @@ def main() -> None:
                 "layers": f"{rt.report.layers_compressed}/{rt.report.layers_total}",
             }
         )
-    routes = {"sliced": {"prefill_slices": args.prefill_slices}, "wide": {"prefill_tokens": args.prefill_tokens}}
+    routes = {"sliced": {"prefill_slices": args.prefill_slices, "prefill_tokens": 0},
+              "wide": {"prefill_tokens": args.prefill_tokens}}
     for arm, (compile_, reference, options) in FUSED_ARMS.items():
         options = routes[options] if isinstance(options, str) else options
         if arm not in args.arms:
@@ -380,7 +387,7 @@ def main() -> None:
                     row[f"max_dlogit_{name}"] = (g.logits.float() - ref.logits.float()).abs().max().item()
                     row[f"first_step_differ_{name}"] = first_step_differ(g.logits, ref.logits)
             for name in ("dense_compiled", "dense_eager", "block_eager", "block_compiled", "fused_compiled",
-                         "fused_lane_compiled"):
+                         "fused_decoded_compiled", "fused_lane_compiled"):
                 if name in times and name != arm:
                     r = paired_speed_ratio(times[name], times[arm])
                     row[f"vs_{name}"] = r["speed_ratio"]

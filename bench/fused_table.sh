@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
 # The fused tables of docs/fused.md, one GPU:
-#   bash bench/fused_table.sh [kernel|families|families-8b|wide-8b|candidates-8b|1b|8b|all] [out-dir]
+#   bash bench/fused_table.sh [kernel|families|families-8b|prefill-8b|prefill-1b|1b|8b|all] [out-dir]
 # kernel: bench/lut3_kernel.py (every matrix shape against cuBLAS and the exactness reference, M=1 and 8, with the
 #         diagnostic variants that split the time);
 # families: the same on the 8B matrices (and 1B's gate/up) at 4/8/16 warps, every build of every kernel family
 #         (lane, chunk, prefetch) timed side by side (~6 min);
 # families-8b: the families inside the whole 8B model, b=1, arms alternated (bench_compile.py; ~7 min); each
 #         family's logits must equal fused_compiled's. (Two device calls: each fits in 10 minutes alone.)
-# wide-8b: the 8B prefill with cache.prefill_tokens=32 (one launch of the wide build per layer, no decode):
-#         bench/prefill_host.py's forward and one-token arms (~2 min), then the whole 8B b=1 generation, dense
-#         compiled against fused compiled with and without it and its exactness reference (~8 min).
-# candidates-8b: every candidate not yet timed end to end, in one whole-model run (8B, b=1, 64 tokens, 3 paired
-#         rounds, --split; ~8-9 min, one device call): dense compiled, the default (fused_compiled) and its
-#         reference, the chunk and prefetch families, and cache.prefill_tokens=32 with its reference. A candidate
-#         that is faster than fused_compiled, paired, with logits equal to its reference, is the next default.
+# prefill-8b, prefill-1b: the short prefill's two routes in the whole model, b=1, 64 tokens, --split: dense compiled,
+#         the default (cache.prefill_tokens=32: one launch of the wide build per layer, no decode) with its exactness
+#         reference, and the decode route (prefill_tokens=0: each layer decoded for F.linear). 8B: 3 paired rounds
+#         (~6 min), then bench/prefill_host.py's forward and one-token arms (~2 min); 1B: 7 rounds (~2 min).
 # 1b/8b:  bench/bench_compile.py, one process per shape: dense compiled, block compiled (decompress-then-matmul),
 #         fused compiled and its exactness reference, arms alternated in rounds, b=1 and b=8.
 set -euo pipefail
@@ -32,15 +29,14 @@ if [[ "$which" == families-8b ]]; then
   python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 5 \
     --arms dense_compiled fused_lane_compiled fused_chunk_compiled fused_prefetch_compiled --out "$out/fused_families_8b.jsonl"
 fi
-if [[ "$which" == wide-8b ]]; then
-  python bench/prefill_host.py --shape llama_8b --rounds 10 --out "$out/prefill_wide_8b.jsonl"
+if [[ "$which" == prefill-8b ]]; then
   python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 3 --split \
-    --arms dense_compiled fused_compiled fused_wide_compiled fused_wide_ref_compiled --out "$out/fused_wide_8b.jsonl"
+    --arms dense_compiled fused_decoded_compiled fused_compiled fused_ref_compiled --out "$out/fused_prefill_8b.jsonl"
+  python bench/prefill_host.py --shape llama_8b --rounds 10 --out "$out/prefill_host_8b.jsonl"
 fi
-if [[ "$which" == candidates-8b ]]; then
-  python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 3 --split \
-    --arms dense_compiled fused_compiled fused_ref_compiled fused_chunk_compiled fused_prefetch_compiled \
-    fused_wide_compiled fused_wide_ref_compiled --out "$out/fused_candidates_8b.jsonl"
+if [[ "$which" == prefill-1b ]]; then
+  python bench/bench_compile.py --shape llama_1b --batch 1 --tokens 64 --rounds 7 --split \
+    --arms dense_compiled fused_decoded_compiled fused_compiled fused_ref_compiled --out "$out/fused_prefill_1b.jsonl"
 fi
 # rounds: 5 at 1B (~4 min), 3 at 8B (~9 min, inside a 10-minute device call); --split times the eager prefill
 # alone, --profile-prefill says where the fused arm's prefill time goes.

@@ -5,11 +5,13 @@
 transformers runs a generation's prefill eagerly even when it compiles the decode step, so at batch 1 the prefill
 is one Python call per layer. Arms (one forward over the bench prompt, logits of the last token only):
   dense          the uncompressed model
-  fused          cache=fused as the harness runs it: each layer decoded by its prepared launch, then F.linear
+  fused          cache=fused with cache.prefill_tokens=0 (the default until 2026-12-07): each layer decoded by its
+                 prepared launch, then F.linear
   fused_before   the route before prepared launches: the codec's decode per layer (views of the payload built
                  per call) and torch's NVRTC launcher (libcuda opened and the argument array built per launch)
   fused_sliced   cache.prefill_slices=4: the prompt multiplied in the kernel 8 tokens a launch, no decode
-  fused_wide     cache.prefill_tokens=32: the prompt multiplied in one launch of the kernel's wide build, no decode
+  fused_wide     cache.prefill_tokens=32 (the default now): the prompt multiplied in one launch of the kernel's wide
+                 build, no decode
   dense_generate, fused_generate, fused_wide_generate
                  a one-token greedy_generate with the static cache and generate.compile=true (the fused side in
                  Inductor's deterministic mode), as bench_compile's --split times a prefill: the forward plus
@@ -83,7 +85,8 @@ def main() -> None:
     ids = dense.tokenizer(prompts(args.batch), return_tensors="pt", padding=True).input_ids.to(device)
     model = copy.deepcopy(dense.model)
     rt = compress_model(model, make_codec("fused_lut3"), selection=select_layers(model, "all"), policy="fused",
-                        placement="gpu", attach=True, progress=False)  # fmt: skip
+                        placement="gpu", attach=True, policy_options={"prefill_tokens": 0},
+                        progress=False)  # fmt: skip
     policy = rt.policy
     routing = (policy._kernel_tokens, policy._per_launch)
 

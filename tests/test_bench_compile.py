@@ -61,7 +61,7 @@ def test_every_arm_the_scripts_and_docs_name_exists():
             for arms in re.findall(r"--arms((?:\s+[a-z][a-z_]*)+)", command):
                 named.update({arm: path.name for arm in arms.split()})
     # arms fused_table.sh names (on continued lines too): a pattern that stopped matching would pass vacuously
-    assert {"dense_compiled", "block_compiled", "fused_ref_compiled", "fused_wide_ref_compiled"} <= set(named)
+    assert {"dense_compiled", "block_compiled", "fused_ref_compiled", "fused_decoded_compiled"} <= set(named)
     unknown = {arm: where for arm, where in named.items() if arm not in ARMS}
     assert not unknown
     assert set(BLOCK_ARMS).isdisjoint(FUSED_ARMS)

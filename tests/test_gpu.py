@@ -283,10 +283,10 @@ def _lut3_llama(arch: str):
     return tiny_llama(seed=0, device="cuda", **wide)
 
 
-def _fused(loaded, captured=False):
+def _fused(loaded, captured=False, **options):
     model = copy.deepcopy(loaded.model)
     runtime = compress_model(model, make_codec("fused_lut3"), policy="fused", placement="gpu", layers="all",
-                             captured=captured, progress=False)  # fmt: skip
+                             captured=captured, policy_options=options, progress=False)  # fmt: skip
     return model, runtime
 
 
@@ -392,14 +392,15 @@ def test_lut3_decode_gpu_keeps_every_bit_pattern():
 @pytest.mark.parametrize("arch", ["tiny", "wide"])
 @pytest.mark.parametrize("prompts", [["The capital of France is", "Lossless"], ["Hi"]])
 def test_fused_policy_equals_its_reference_with_exact_counts_on_cuda(arch, prompts):
-    """Decode steps (<= 8 tokens) in the kernel, a longer prefill decoded + F.linear; logits torch.equal to the
+    """Decode steps (<= 8 tokens) in the kernel, a longer prefill decoded + F.linear (cache.prefill_tokens=0: the
+    route a prompt longer than the wide build's 32 tokens takes); logits torch.equal to the
     same kernel fed the uncompressed weights; counts exact per pass; close to dense (the kernel's arithmetic)."""
     from harness.exactness import exactness_reference
     from harness.phases.module import GenerationModule
 
     loaded, n = _lut3_llama(arch), 6
     dense = greedy_generate(loaded.model, loaded.tokenizer, prompts, n, n)
-    model, runtime = _fused(loaded)
+    model, runtime = _fused(loaded, prefill_tokens=0)
     assert runtime.lossless() == {"weights_lossless": True, "weights_checked_layers": len(runtime.layers)}
     layers = len(runtime.layers)
     tiles = sum(-(-layer.out_features // 16) for layer in runtime.layers)
@@ -463,10 +464,10 @@ def test_every_kernel_family_gives_the_same_logits_through_the_policy(captured):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
-@pytest.mark.parametrize("options", [{"prefill_slices": 4}, {"prefill_tokens": 32}])
+@pytest.mark.parametrize("options", [{"prefill_slices": 4, "prefill_tokens": 0}, {}], ids=["sliced", "default"])
 def test_fused_prefill_runs_the_prompt_in_the_kernel_on_cuda(options):
-    """cache.prefill_slices: a prompt of up to 8 x S tokens goes through the kernel 8 tokens a launch;
-    cache.prefill_tokens: up to 32 in one launch of the wide build. Nothing is decoded at all; counts are launches
+    """cache.prefill_slices: a prompt of up to 8 x S tokens goes through the kernel 8 tokens a launch; the default
+    (cache.prefill_tokens=32): up to 32 in one launch of the wide build. Nothing is decoded at all; counts are launches
     (per layer in the prefill: ceil(tokens / 8) sliced, 1 wide; the lm_head's one position: 1); logits torch.equal
     to the reference (which routes the same way) and close to dense."""
     from harness.exactness import exactness_reference
@@ -484,7 +485,7 @@ def test_fused_prefill_runs_the_prompt_in_the_kernel_on_cuda(options):
     runtime.end_generation()
     s = runtime.stats.snapshot()
     head = {layer.name for layer in runtime.layers if layer.name.endswith("lm_head")}
-    launches = 1 if options.get("prefill_tokens") else -(-tokens // 8)
+    launches = -(-tokens // 8) if options.get("prefill_slices") else 1
     first = {layer.name: 1 if layer.name in head else launches for layer in runtime.layers}
     assert s["decompressions_per_pass"] == [0] * n
     assert s["in_kernel_decodes_per_pass"] == [sum(first.values())] + [len(runtime.layers)] * (n - 1)
@@ -499,26 +500,29 @@ def test_fused_prefill_runs_the_prompt_in_the_kernel_on_cuda(options):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
-def test_fused_compiled_replays_with_exact_counts_and_its_reference_on_cuda():
+@pytest.mark.parametrize("prefill_tokens", [0, 32], ids=["decoded_prefill", "default"])
+def test_fused_compiled_replays_with_exact_counts_and_its_reference_on_cuda(prefill_tokens):
     """generate.compile=true: the op is captured in the CUDA graphs; counts exact from the device counters, logits
-    torch.equal to the compiled reference run."""
+    torch.equal to the compiled reference run. The eager prefill (more than 8 tokens) decodes with
+    cache.prefill_tokens=0 and runs in the wide build by default."""
     from harness.exactness import exactness_reference
     from harness.phases.compiled import compile_mode, release_compiled, reset_compile_counters
     from harness.phases.module import GenerationModule
 
     loaded, prompts, n = _lut3_llama("wide"), ["The capital of France is"], 6
-    model, runtime = _fused(loaded, captured=True)
+    model, runtime = _fused(loaded, captured=True, prefill_tokens=prefill_tokens)
     layers = len(runtime.layers)
+    # the prefill's launches: with prefill_tokens=0 only the lm_head's, which sees the last position only (one token),
+    # the other layers decoded; by default every layer's, one launch of the wide build each
+    first = sum(layer.name.endswith("lm_head") for layer in runtime.layers) if prefill_tokens == 0 else layers
     reset_compile_counters()
     for _ in range(3):
         runtime.reset_stats()
         out = greedy_generate(model, loaded.tokenizer, prompts, n, min_new_tokens=n, compile=True)
         runtime.end_generation()
         s = runtime.stats.snapshot()
-        # the eager prefill decodes instead, but for the lm_head, which sees the last position only: one token
-        head = sum(layer.name.endswith("lm_head") for layer in runtime.layers)
-        assert s["in_kernel_decodes_per_pass"] == [head] + [layers] * (n - 1)
-        assert s["decompressions_per_pass"] == [layers - head] + [0] * (n - 1)
+        assert s["in_kernel_decodes_per_pass"] == [first] + [layers] * (n - 1)
+        assert s["decompressions_per_pass"] == [layers - first] + [0] * (n - 1)
     assert compile_mode(torch.device("cuda")) == "cudagraphs"
     module = GenerationModule(model, loaded.tokenizer, n, n, compile=True)
     assert exactness_reference(module, runtime, prompts, out) is True
@@ -539,7 +543,8 @@ def test_fused_experiment_runs_compiled_end_to_end(harness_cli, tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     comp, cmp_ = res["compressed"], res["comparison"]
     per_pass = comp["in_kernel_decodes_per_pass"]
-    # the prefill: 15 in the kernel if the prompt has <= 8 tokens, else only the lm_head (the last position's logits)
+    # the prefill: 15 in the kernel if the prompts have <= 32 tokens together (the wide build), else only the lm_head
+    # (the last position's logits)
     assert comp["compile"] == "cudagraphs" and per_pass[1:] == [15] * 5 and per_pass[0] in (1, 15)
     assert cmp_["weights_lossless"] is True and cmp_["exactness_reference"] is True
     assert 0 < cmp_["token_agreement"] <= 1
