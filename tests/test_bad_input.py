@@ -48,7 +48,8 @@ CASES = {
     "fused_prefill_tokens_too_many": (["cache=fused", "compress.codec=fused_lut3", "cache.prefill_tokens=40"],
                                       "cache.prefill_tokens=40 is invalid; give 0 (off) to 32", False),
     "fused_prefill_two_ways": (["cache=fused", "compress.codec=fused_lut3", "cache.prefill_tokens=16",
-                                "cache.prefill_slices=4"], "cache.prefill_slices=4 and cache.prefill_tokens=16 both", False),
+                                "cache.prefill_slices=4"],
+                               "cache.prefill_slices=4 and cache.prefill_tokens=16 both", False),
     # prefill_tokens is on by default: slicing alone says how to turn it off
     "fused_prefill_slices_over_the_default": (["cache=fused", "compress.codec=fused_lut3", "cache.prefill_slices=4"],
                                               "to slice, also give cache.prefill_tokens=0 (its default is 32)", False),

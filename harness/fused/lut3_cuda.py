@@ -109,11 +109,11 @@ def _check(x2d: torch.Tensor, k: int) -> None:
 # The fused kernel's builds, in families of two: "lut3_gemv" (registers as the compiler allocates them: 64 and a
 # 16-byte spill at 1-2 tokens, 77 at 4-8) and "lut3_gemv72" (the same code held to 72 registers, no spill, more
 # warps per SM). On the H200 the first is faster at 1 token (4.60 against 4.79 ms per Llama-8B step), the second at
-# 8 (5.29 against 5.90): `fused_kernel` picks by tokens. Two more families, slower than these in the whole 8B
+# 8 (5.29 against 5.90): `fused_kernel` picks by tokens. Two more families, slower than this one in the whole 8B
 # model on an H100 (0.970x and 0.890x, paired: docs/fused.md) and so not the default (lut3_kernel.cu says what they
 # change; 84 and 72 registers, no spill): "lut3_gemvc*", the escape window fetched per warp one iteration ahead,
-# and "lut3_gemvcp*", that plus an L2 prefetch of the bytes 4 iterations ahead. CODECLLM_LUT3_KERNEL names a build, or a family (lane, chunk, prefetch) taken by the same token rule, for
-# an A/B run of a whole model.
+# and "lut3_gemvcp*", that plus an L2 prefetch of the bytes 4 iterations ahead. CODECLLM_LUT3_KERNEL names a build,
+# or a family (lane, chunk, prefetch) taken by the same token rule, for an A/B run of a whole model.
 def _chosen(env: str, choices: tuple[str, ...]) -> str:
     """The choice an A/B run names in $env, else the first of `choices`."""
     name = os.environ.get(env, choices[0])

@@ -77,9 +77,9 @@ def check_prefill(prefill_slices: object, prefill_tokens: object) -> None:
         raise HarnessError(f"cache.prefill_tokens={prefill_tokens!r} is invalid; give 0 (off) to {wide} (a forward of "
                            f"up to that many tokens in one launch of the kernel's wide build)")  # fmt: skip
     if prefill_slices and prefill_tokens:
-        raise HarnessError(f"cache.prefill_slices={prefill_slices} and cache.prefill_tokens={prefill_tokens} both route "
-                           f"a prefill through the kernel; to slice, also give cache.prefill_tokens=0 (its default is "
-                           f"{PREFILL_TOKENS})")  # fmt: skip
+        raise HarnessError(f"cache.prefill_slices={prefill_slices} and cache.prefill_tokens={prefill_tokens} both "
+                           f"route a prefill through the kernel; to slice, also give cache.prefill_tokens=0 (its "
+                           f"default is {PREFILL_TOKENS})")  # fmt: skip
 
 
 def refuse_transposed(names: list[str]) -> None:
