@@ -5,11 +5,13 @@ The CUDA kernel path (in-kernel decodes, the exactness reference) is in tests/te
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
 import torch
-from conftest import assert_refused
+from conftest import CONF, assert_refused
+from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness.codecs import make_codec
@@ -19,7 +21,7 @@ from harness.generation import greedy_generate
 from harness.phases.compiled import compile_mode, release_compiled, reset_compile_counters
 from harness.phases.module import GenerationModule
 from harness.runtime import compress_model
-from harness.runtime.fused import check_setup
+from harness.runtime.fused import Fused, check_setup
 from harness.runtime.stats import Stats
 
 PROMPTS = ["The capital of France is", "Lossless"]
@@ -195,3 +197,14 @@ def test_a_reference_run_leaves_the_next_generations_counts_exact(dense):
     assert s["forward_passes"] == NEW and s["in_kernel_decodes_per_pass"] == [0] * NEW
     assert s["decompressions_per_pass"] == [LAYERS] * NEW
     runtime.close()
+
+
+def test_the_config_and_the_policy_default_alike():
+    """conf/cache/fused.yaml (what `cache=fused` runs) and the policy's constructor (what compress_model(policy=
+    "fused") builds, as the benches and tests do) give every option the same default: a default changed in one
+    place only would make the benches time another route than the CLI runs."""
+    conf = OmegaConf.load(CONF / "cache" / "fused.yaml")
+    options = {k: v for k, v in OmegaConf.to_container(conf).items() if not k.startswith("_") and k != "name"}
+    params = inspect.signature(Fused.__init__).parameters
+    assert options and options == {name: params[name].default for name in options}
+    assert set(options) == set(params) - {"self", "runtime"}
