@@ -26,9 +26,9 @@ of every arm, the order rotated), so every ratio compares generations that ran s
                      the same two with cache.prefill_tokens=--prefill-tokens: a prompt of up to that many tokens
                      (at most 32) multiplied in one launch of the kernel's wide build (at 32, the default: the same
                      as fused_compiled and fused_ref_compiled)
-  fused_lane_compiled, fused_chunk_compiled, fused_prefetch_compiled
-                     fused_compiled with cache.kernel=lane|chunk|prefetch (the fused kernel's families): an A/B of
-                     the kernels inside the whole model; each family's logits must equal fused_compiled's and
+  fused_lane_compiled, fused_ballot_compiled, fused_chunk_compiled, fused_prefetch_compiled
+                     fused_compiled with cache.kernel=lane|ballot|chunk|prefetch (the fused kernel's families): an
+                     A/B of the kernels inside the whole model; each family's logits must equal fused_compiled's and
                      fused_lane_compiled's (the same arithmetic), and speeds are paired against both
   (the fused_* arms compile in Inductor's deterministic mode, as the harness compiles a phase with an exactness
   reference: harness.generation.deterministic_compile)
@@ -193,6 +193,7 @@ FUSED_ARMS = {
     "fused_wide_ref_compiled": (True, True, "wide"),
     # the kernel families (cache.kernel), paired with fused_compiled
     "fused_lane_compiled": (True, False, {"kernel": "lane"}),
+    "fused_ballot_compiled": (True, False, {"kernel": "ballot"}),
     "fused_chunk_compiled": (True, False, {"kernel": "chunk"}),
     "fused_prefetch_compiled": (True, False, {"kernel": "prefetch"}),
 }

@@ -4,7 +4,7 @@
 # kernel: bench/lut3_kernel.py (every matrix shape against cuBLAS and the exactness reference, M=1 and 8, with the
 #         diagnostic variants that split the time);
 # families: the same on the 8B matrices (and 1B's gate/up) at 4/8/16 warps, every build of every kernel family
-#         (lane, chunk, prefetch) timed side by side (~6 min);
+#         (lane, ballot, chunk, prefetch) timed side by side (~6 min);
 # families-8b: the families inside the whole 8B model, b=1, arms alternated (bench_compile.py; ~7 min); each
 #         family's logits must equal fused_compiled's. (Two device calls: each fits in 10 minutes alone.)
 # prefill-8b, prefill-1b: the short prefill's two routes in the whole model, b=1, 64 tokens, --split: dense compiled,
@@ -27,7 +27,7 @@ if [[ "$which" == families ]]; then
 fi
 if [[ "$which" == families-8b ]]; then
   python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 5 \
-    --arms dense_compiled fused_lane_compiled fused_chunk_compiled fused_prefetch_compiled --out "$out/fused_families_8b.jsonl"
+    --arms dense_compiled fused_lane_compiled fused_ballot_compiled fused_chunk_compiled fused_prefetch_compiled --out "$out/fused_families_8b.jsonl"
 fi
 if [[ "$which" == prefill-8b ]]; then
   python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 3 --split \

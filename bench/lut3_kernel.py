@@ -89,8 +89,8 @@ def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]
                "configs": []}  # fmt: skip
         per_kernel = {}  # kernel -> its fastest config
         refs_w = {wp: lut3_cuda.reference_gemv(x, ref, warps=wp) for wp in warps_list if wp <= p.iters}
-        # past 8 tokens only the wide build exists (lane's family): a short prefill in one launch
-        for kern in lut3_cuda.FUSED_KERNELS if m <= lut3_cuda.MAX_TOKENS else ("lut3_gemv",):
+        # past 8 tokens only the wide builds exist (lane's and ballot's): a short prefill in one launch
+        for kern in lut3_cuda.FUSED_KERNELS if m <= lut3_cuda.MAX_TOKENS else ("lut3_gemv", "lut3_gemvb"):
             for wp, y_ref_w in refs_w.items():
                 y = lut3_cuda.gemv(x, p, warps=wp, kernel=kern)
                 exact = bool(torch.equal(y, y_ref_w))

@@ -54,7 +54,7 @@ CASES = {
     "fused_prefill_slices_over_the_default": (["cache=fused", "compress.codec=fused_lut3", "cache.prefill_slices=4"],
                                               "to slice, also give cache.prefill_tokens=0 (its default is 32)", False),
     "fused_kernel_unknown": (["cache=fused", "compress.codec=fused_lut3", "cache.kernel=fast"],
-                             "cache.kernel='fast' is invalid; valid: auto, lane, chunk, prefetch", False),
+                             "cache.kernel='fast' is invalid; valid: auto, lane, ballot, chunk, prefetch", False),
     "lut3_with_a_float32_model": (["compress.codec=fused_lut3", "model.dtype=float32"],
                                   "compress.codec=fused_lut3 stores bfloat16 weights only, not float32", False),
 }

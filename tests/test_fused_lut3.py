@@ -163,8 +163,9 @@ def test_launches_pick_the_build_and_shared_memory_for_their_tokens():
         lut3_cuda._template(33)
     assert [lut3_cuda.fused_kernel(m, "chunk") for m in (1, 4, 9, 32)] == ["lut3_gemvc", "lut3_gemvc72", "lut3_gemv",
                                                                            "lut3_gemv"]  # fmt: skip
+    assert [lut3_cuda.fused_kernel(m, "ballot") for m in (1, 4, 9)] == ["lut3_gemvb", "lut3_gemvb72", "lut3_gemvb"]
     one = lut3_cuda.SMEM_PER_WARP_BYTES
     assert [lut3_cuda.shared_bytes(f"lut3_gemv_m{t}", 4) for t in (1, 8, 16, 24, 32)] == [4 * one * g
                                                                                        for g in (1, 1, 2, 3, 4)]  # fmt: skip
     assert lut3_cuda.shared_bytes("lut3_ref_m32", 16) <= 48 * 1024  # within the default dynamic shared memory
-    assert {f"lut3_{v}_m{t}" for v in ("gemv", "ref") for t in (16, 24, 32)} <= set(lut3_cuda._NAMES)
+    assert {f"lut3_{v}_m{t}" for v in ("gemv", "gemvb", "ref") for t in (16, 24, 32)} <= set(lut3_cuda._NAMES)

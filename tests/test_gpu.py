@@ -339,9 +339,9 @@ def test_every_fused_kernel_equals_the_reference_kernel(tokens):
 @RunIf(min_gpus=1)
 @pytest.mark.parametrize("tokens", [9, 16, 24, 32])
 def test_wide_kernel_equals_its_reference_and_the_float64_product(tokens):
-    """The wide build (9-32 tokens in one launch) gives its reference kernel's output bit for bit at every warp
-    count, on normal and escape-dense weights, and x @ W.T within bf16 rounding of the float64 product (a wrong
-    token group or partial-sum layout would be O(1)); a partial last tile (N = 300) included."""
+    """The wide builds (9-32 tokens in one launch; lane's and ballot's) give their reference kernel's output bit for
+    bit at every warp count, on normal and escape-dense weights, and x @ W.T within bf16 rounding of the float64
+    product (a wrong token group or partial-sum layout would be O(1)); a partial last tile (N = 300) included."""
     from harness.fused import lut3, lut3_cuda
 
     x, weights = _gemv_case(300, tokens)
@@ -349,10 +349,12 @@ def test_wide_kernel_equals_its_reference_and_the_float64_product(tokens):
         p, ref = lut3.encode(w), lut3_cuda.reference_inputs(w)
         exact = x.double() @ w.double().T
         for warps in (1, 4, 16):
-            y = lut3_cuda.gemv(x, p, warps=warps)
-            assert torch.equal(y, lut3_cuda.reference_gemv(x, ref, warps=warps)), warps
-            rel = ((y.double() - exact).norm() / exact.norm()).item()
-            assert rel < 1e-2, (warps, rel)
+            want = lut3_cuda.reference_gemv(x, ref, warps=warps)
+            for kernel in ("lut3_gemv", "lut3_gemvb"):
+                y = lut3_cuda.gemv(x, p, warps=warps, kernel=kernel)
+                assert torch.equal(y, want), (kernel, warps)
+                rel = ((y.double() - exact).norm() / exact.norm()).item()
+                assert rel < 1e-2, (kernel, warps, rel)
 
 
 @pytest.mark.gpu
@@ -444,7 +446,7 @@ def test_every_kernel_family_gives_the_same_logits_through_the_policy(captured):
 
     loaded, n = _lut3_llama("wide"), 4
     outs = {}
-    for kernel in ("lane", "chunk", "prefetch"):
+    for kernel in lut3_cuda.FAMILIES:
         model = copy.deepcopy(loaded.model)
         runtime = compress_model(model, make_codec("fused_lut3"), policy="fused", placement="gpu", layers="all",
                                  captured=captured, policy_options={"kernel": kernel}, progress=False)  # fmt: skip
@@ -455,10 +457,10 @@ def test_every_kernel_family_gives_the_same_logits_through_the_policy(captured):
             launches = [(t, launch) for g in runtime.policy._gemv.values() for t, launch in g._launches.items()]
             assert launches
             for t, launch in launches:
-                want = f"{lut3_cuda.FAMILIES[kernel]}{'' if t <= 2 else '72'}_m{t}"
+                want = f"{lut3_cuda.fused_kernel(t, kernel)}_m{t}"  # the choice itself: test_fused_lut3.py
                 assert launch._func == funcs[want].func, (want, t)
         runtime.close()
-    for kernel in ("chunk", "prefetch"):
+    for kernel in ("ballot", "chunk", "prefetch"):
         assert torch.equal(outs[kernel].logits, outs["lane"].logits), kernel
 
 

@@ -27,9 +27,10 @@ WIDE_TOKENS = 32  # the wide builds (lut3_gemv_m16/24/32: one mma per 8 tokens):
 _TEMPLATES = (1, 2, 4, 8)
 _WIDE_TEMPLATES = (16, 24, 32)
 _SOURCE = Path(__file__).with_name("lut3_kernel.cu")
-_BUILDS = ("gemv", "gemv72", "gemvc", "gemvc72", "gemvcp", "gemvcp72")
+_BUILDS = ("gemv", "gemv72", "gemvb", "gemvb72", "gemvc", "gemvc72", "gemvcp", "gemvcp72")
+_WIDE_BUILDS = ("gemv", "gemvb")  # the families with wide builds (lane, ballot)
 _NAMES = [f"lut3_{v}_m{m}" for v in (*_BUILDS, "ref") for m in _TEMPLATES]
-_NAMES += [f"lut3_{v}_m{m}" for v in ("gemv", "ref") for m in _WIDE_TEMPLATES]
+_NAMES += [f"lut3_{v}_m{m}" for v in (*_WIDE_BUILDS, "ref") for m in _WIDE_TEMPLATES]
 _NAMES += ["lut3_decode"]
 _NAMES += ["lut3_diag1_m1"]  # bench/lut3_kernel.py only: the escapes left undecoded, to time what they cost
 _kernels: dict | None = None
@@ -109,11 +110,13 @@ def _check(x2d: torch.Tensor, k: int) -> None:
 # The fused kernel's builds, in families of two: "lut3_gemv" (registers as the compiler allocates them: 64 and a
 # 16-byte spill at 1-2 tokens, 77 at 4-8) and "lut3_gemv72" (the same code held to 72 registers, no spill, more
 # warps per SM). On the H200 the first is faster at 1 token (4.60 against 4.79 ms per Llama-8B step), the second at
-# 8 (5.29 against 5.90): `fused_kernel` picks by tokens. Two more families, slower than this one in the whole 8B
-# model on an H100 (0.970x and 0.890x, paired: docs/fused.md) and so not the default (lut3_kernel.cu says what they
-# change; 84 and 72 registers, no spill): "lut3_gemvc*", the escape window fetched per warp one iteration ahead,
-# and "lut3_gemvcp*", that plus an L2 prefetch of the bytes 4 iterations ahead. CODECLLM_LUT3_KERNEL names a build,
-# or a family (lane, chunk, prefetch) taken by the same token rule, for an A/B run of a whole model.
+# 8 (5.29 against 5.90): `fused_kernel` picks by tokens. "lut3_gemvb*" (ballot) is lane with the warp's prefix
+# count of escapes taken from votes on the counts' bits instead of a chain of shuffles (the same positions, so the
+# same results bit for bit). Two more families, slower than lane in the whole 8B model on an H100 (0.970x and
+# 0.890x, paired: docs/fused.md) and so not the default (lut3_kernel.cu says what they change; 84 and 72 registers,
+# no spill): "lut3_gemvc*", the escape window fetched per warp one iteration ahead, and "lut3_gemvcp*", that plus an
+# L2 prefetch of the bytes 4 iterations ahead. CODECLLM_LUT3_KERNEL names a build, or a family (lane, ballot,
+# chunk, prefetch) taken by the same token rule, for an A/B run of a whole model.
 def _chosen(env: str, choices: tuple[str, ...]) -> str:
     """The choice an A/B run names in $env, else the first of `choices`."""
     name = os.environ.get(env, choices[0])
@@ -123,7 +126,7 @@ def _chosen(env: str, choices: tuple[str, ...]) -> str:
 
 
 FUSED_KERNELS = tuple(f"lut3_{b}" for b in _BUILDS)
-FAMILIES = {"lane": "lut3_gemv", "chunk": "lut3_gemvc", "prefetch": "lut3_gemvcp"}
+FAMILIES = {"lane": "lut3_gemv", "ballot": "lut3_gemvb", "chunk": "lut3_gemvc", "prefetch": "lut3_gemvcp"}
 _FUSED_CHOICE = _chosen("CODECLLM_LUT3_KERNEL", ("auto", *FAMILIES, *FUSED_KERNELS))
 
 
@@ -132,13 +135,14 @@ KERNEL_CHOICES = ("auto", *FAMILIES)  # cache.kernel
 
 def fused_kernel(tokens: int, family: str = "auto") -> str:
     """The build that multiplies `tokens` tokens: `family`'s (cache.kernel), or with "auto" what
-    CODECLLM_LUT3_KERNEL names, else the lane family. Past MAX_TOKENS: the wide build, lane's only."""
-    if tokens > MAX_TOKENS:
-        return "lut3_gemv"
+    CODECLLM_LUT3_KERNEL names, else the lane family. Past MAX_TOKENS: the wide build, ballot's if the choice is
+    ballot's, else lane's (the only two with wide builds)."""
     choice = _FUSED_CHOICE if family == "auto" else family
+    base = choice if choice in FUSED_KERNELS else FAMILIES["lane" if choice == "auto" else choice]
+    if tokens > MAX_TOKENS:
+        return "lut3_gemvb" if base.startswith("lut3_gemvb") else "lut3_gemv"
     if choice in FUSED_KERNELS:
         return choice
-    base = FAMILIES["lane" if choice == "auto" else choice]
     return base if tokens <= 2 else f"{base}72"
 
 

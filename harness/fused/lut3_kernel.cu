@@ -15,7 +15,8 @@
 // loads an 8-byte window there, and per 4 weights one PRMT whose selector nibbles are each escape's rank (7, the
 // window's zero byte, for the others) yields the escape exponents (rotated, as the table stores them), OR-ed into
 // the table's byte (0 for code 7). A lane with more escapes in one iteration than the window holds (WINDOW) takes
-// them byte by byte (rare: ~4e-7 of lanes on normal weights). So every weight reaches the tensor cores as the original bf16 value.
+// them byte by byte (rare: ~4e-7 of lanes on normal weights). So every weight reaches the tensor cores as the
+// original bf16 value.
 //
 // Two ways to fetch the window (template CHUNK). Per lane (lut3_gemv, lut3_gemv72): three loads at the lane's own
 // position, which is known only after the warp's prefix count, so the decode waits on a dependent load every
@@ -187,11 +188,34 @@ __device__ __forceinline__ void fetch(Buf& b, size_t li, long long lanes_total, 
   }
 }
 
-// The lane's first escape: the iteration's offset (carried in esc_pos) plus a warp prefix count over lanes; then
-// the window. CHUNK: `nxt` (the next iteration, if `more`) gets its chunk loaded from the offset that follows, and
-// the window comes from `b`'s chunk, loaded one iteration before. DIAG (bench only): escapes left undecoded, the
-// time they cost by difference.
-template <int DIAG, bool CHUNK = false>
+// The warp's exclusive prefix sum of the lanes' escape counts (0-32), and its total, from bit planes: one vote per
+// bit of the count, a lane's sum the popcounts of the lower lanes' votes times the bit. The votes are independent,
+// where a shuffle scan is a chain of 5 dependent steps. Three planes cover counts up to WINDOW (7); bits 3-5 are
+// voted only when some lane has more (a warp-uniform branch, rare: the RARE decode's lanes).
+__device__ __forceinline__ void prefix_ballot(int cnt, int lane, int& excl, int& total) {
+  const u32 lt = (1u << lane) - 1u;
+  excl = total = 0;
+#pragma unroll
+  for (int bit = 0; bit < 3; ++bit) {
+    const u32 v = __ballot_sync(0xffffffffu, (cnt >> bit) & 1);
+    excl += __popc(v & lt) << bit;
+    total += __popc(v) << bit;
+  }
+  if (__any_sync(0xffffffffu, cnt > WINDOW)) {
+#pragma unroll
+    for (int bit = 3; bit < 6; ++bit) {
+      const u32 v = __ballot_sync(0xffffffffu, (cnt >> bit) & 1);
+      excl += __popc(v & lt) << bit;
+      total += __popc(v) << bit;
+    }
+  }
+}
+
+// The lane's first escape: the iteration's offset (carried in esc_pos) plus a warp prefix count over lanes (a
+// shuffle scan, or BALLOT: prefix_ballot; the same positions); then the window. CHUNK: `nxt` (the next iteration,
+// if `more`) gets its chunk loaded from the offset that follows, and the window comes from `b`'s chunk, loaded one
+// iteration before. DIAG (bench only): escapes left undecoded, the time they cost by difference.
+template <int DIAG, bool CHUNK = false, bool BALLOT = false>
 __device__ __forceinline__ void locate(Buf& b, int lane, int& esc_pos, const u8* __restrict__ esc_exp,
                                        Buf& nxt, bool more, int words) {
   if (DIAG == 1) {
@@ -200,14 +224,21 @@ __device__ __forceinline__ void locate(Buf& b, int lane, int& esc_pos, const u8*
     return;
   }
   const int cnt = flags_of(b.w0, b.w1, b.w2).count;
-  int incl = cnt;
+  int excl, total;
+  if (BALLOT) {
+    prefix_ballot(cnt, lane, excl, total);
+  } else {
+    int incl = cnt;
 #pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += v;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    excl = incl - cnt;
+    total = __shfl_sync(0xffffffffu, incl, 31);
   }
-  b.pos = esc_pos + incl - cnt;
-  esc_pos += __shfl_sync(0xffffffffu, incl, 31);
+  b.pos = esc_pos + excl;
+  esc_pos += total;
   if (CHUNK) {
     if (more) {
       nxt.cb = esc_pos;
@@ -292,7 +323,7 @@ __device__ __forceinline__ void mma_wide(const u32* A, const u32* __restrict__ x
   }
 }
 
-template <int MT, bool FUSED, int DIAG = 0, bool CHUNK = false, int PF = 0>
+template <int MT, bool FUSED, int DIAG = 0, bool CHUNK = false, int PF = 0, bool BALLOT = false>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, const uint4* __restrict__ sm,
                                      const u32* __restrict__ codes, const u8* __restrict__ esc_exp,
                                      const int* __restrict__ esc_off, const uint4* __restrict__ raw, Lut lut,
@@ -329,7 +360,7 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
     if (FUSED) prefetch_l2<PF>(lane, it, it1, tile, I, lanes_total, sm, codes);
     if (it + 1 < it1) fetch<FUSED>(b, la + 32, lanes_total, sm, codes, raw);
     u32 A[16];
-    if (FUSED) locate<DIAG, CHUNK>(a, lane, esc_pos, esc_exp, b, it + 1 < it1, words);
+    if (FUSED) locate<DIAG, CHUNK, BALLOT>(a, lane, esc_pos, esc_exp, b, it + 1 < it1, words);
     operands<FUSED, DIAG>(a, lut, esc_exp, A);
     if constexpr (NT == 1) {
       mma_iter(A, xrow, it, t, has_tok, c, c2);
@@ -338,7 +369,7 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
     }
     if (it + 1 < it1) {
       if (it + 2 < it1) fetch<FUSED>(a, la + 64, lanes_total, sm, codes, raw);
-      if (FUSED) locate<DIAG, CHUNK>(b, lane, esc_pos, esc_exp, a, it + 2 < it1, words);
+      if (FUSED) locate<DIAG, CHUNK, BALLOT>(b, lane, esc_pos, esc_exp, a, it + 2 < it1, words);
       operands<FUSED, DIAG>(b, lut, esc_exp, A);
       if constexpr (NT == 1) {
         mma_iter(A, xrow, it + 1, t, has_tok, c, c2);
@@ -403,14 +434,15 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   if (counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(counter, 1ull);
 }
 
-// The fused kernel, per-lane and per-warp windows (CHUNK), the latter also with an L2 prefetch L2_AHEAD iterations
-// ahead (gemvcp), each twice: as the compiler allocates it (64 registers
-// and a 16-byte spill at 1-2 tokens, 77 at 4-8) and held to 72 registers (no spills, more warps per SM).
-#define LUT3_FUSED(NAME, BOUNDS, MT, CHUNK, PF)                                                                        \
+// The fused kernel: per-lane windows with the shuffle scan (gemv) or the vote count (BALLOT: gemvb), per-warp
+// windows (CHUNK: gemvc), the latter also with an L2 prefetch L2_AHEAD iterations ahead (gemvcp); each twice: as the
+// compiler allocates it (64 registers and a 16-byte spill at 1-2 tokens, 77 at 4-8) and held to 72 registers (no
+// spills, more warps per SM).
+#define LUT3_FUSED(NAME, BOUNDS, MT, CHUNK, PF, BALLOT)                                                                \
   extern "C" __global__ void BOUNDS NAME##_m##MT(                                                                      \
       const u16* x, int M, int K, u32 sm_lo, u32 sm_hi, u32 codes_lo, u32 codes_hi, u32 esc_lo, u32 esc_hi,            \
       u32 off_lo, u32 off_hi, int t0, int t1, u16* y, int N, int I, u64* counter) {                                    \
-    gemv<MT, true, 0, CHUNK, PF>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),                \
+    gemv<MT, true, 0, CHUNK, PF, BALLOT>(x, M, K, ptr_of<uint4>(sm_lo, sm_hi), ptr_of<u32>(codes_lo, codes_hi),        \
                    ptr_of<u8>(esc_lo, esc_hi), ptr_of<int>(off_lo, off_hi), nullptr,                                   \
                    Lut{(u32)t0, (u32)t1}, y, N, I, counter);                                                           \
   }
@@ -423,17 +455,21 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   }
 
 #define LUT3_GEMV(MT)                                                                                                  \
-  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT, false, 0)                                                          \
-  LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT, false, 0)                                                               \
-  LUT3_FUSED(lut3_gemvc, __launch_bounds__(512), MT, true, 0)                                                          \
-  LUT3_FUSED(lut3_gemvc72, __maxnreg__(72), MT, true, 0)                                                               \
-  LUT3_FUSED(lut3_gemvcp, __launch_bounds__(512), MT, true, L2_AHEAD)                                                  \
-  LUT3_FUSED(lut3_gemvcp72, __maxnreg__(72), MT, true, L2_AHEAD)                                                       \
+  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT, false, 0, false)                                                   \
+  LUT3_FUSED(lut3_gemv72, __maxnreg__(72), MT, false, 0, false)                                                        \
+  LUT3_FUSED(lut3_gemvb, __launch_bounds__(512), MT, false, 0, true)                                                   \
+  LUT3_FUSED(lut3_gemvb72, __maxnreg__(72), MT, false, 0, true)                                                        \
+  LUT3_FUSED(lut3_gemvc, __launch_bounds__(512), MT, true, 0, false)                                                   \
+  LUT3_FUSED(lut3_gemvc72, __maxnreg__(72), MT, true, 0, false)                                                        \
+  LUT3_FUSED(lut3_gemvcp, __launch_bounds__(512), MT, true, L2_AHEAD, false)                                           \
+  LUT3_FUSED(lut3_gemvcp72, __maxnreg__(72), MT, true, L2_AHEAD, false)                                                \
   LUT3_REF(MT)
 
-// The wide builds (9-32 tokens: a short prompt's prefill in one launch): the lane family only, and its reference.
+// The wide builds (9-32 tokens: a short prompt's prefill in one launch): the lane and ballot families, and the
+// reference.
 #define LUT3_WIDE(MT)                                                                                                  \
-  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT, false, 0)                                                          \
+  LUT3_FUSED(lut3_gemv, __launch_bounds__(512), MT, false, 0, false)                                                   \
+  LUT3_FUSED(lut3_gemvb, __launch_bounds__(512), MT, false, 0, true)                                                   \
   LUT3_REF(MT)
 
 LUT3_GEMV(1)
