@@ -112,11 +112,12 @@ def _check(x2d: torch.Tensor, k: int) -> None:
 # warps per SM). On the H200 the first is faster at 1 token (4.60 against 4.79 ms per Llama-8B step), the second at
 # 8 (5.29 against 5.90): `fused_kernel` picks by tokens. "lut3_gemvb*" (ballot) is lane with the warp's prefix
 # count of escapes taken from votes on the counts' bits instead of a chain of shuffles (the same positions, so the
-# same results bit for bit). Two more families, slower than lane in the whole 8B model on an H100 (0.970x and
-# 0.890x, paired: docs/fused.md) and so not the default (lut3_kernel.cu says what they change; 84 and 72 registers,
-# no spill): "lut3_gemvc*", the escape window fetched per warp one iteration ahead, and "lut3_gemvcp*", that plus an
-# L2 prefetch of the bytes 4 iterations ahead. CODECLLM_LUT3_KERNEL names a build, or a family (lane, ballot,
-# chunk, prefetch) taken by the same token rule, for an A/B run of a whole model.
+# same results bit for bit; on an H100 level with lane per matrix, 0.957x of it in the 8B model). Two more
+# families, slower than lane in the whole 8B model on an H100 (0.970x and 0.890x, paired: docs/fused.md) and so not
+# the default (lut3_kernel.cu says what they change; 84 and 72 registers, no spill): "lut3_gemvc*", the escape
+# window fetched per warp one iteration ahead, and "lut3_gemvcp*", that plus an L2 prefetch of the bytes 4
+# iterations ahead. CODECLLM_LUT3_KERNEL names a build, or a family (lane, ballot, chunk, prefetch) taken by the
+# same token rule, for an A/B run of a whole model.
 def _chosen(env: str, choices: tuple[str, ...]) -> str:
     """The choice an A/B run names in $env, else the first of `choices`."""
     name = os.environ.get(env, choices[0])
