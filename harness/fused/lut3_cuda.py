@@ -136,12 +136,13 @@ KERNEL_CHOICES = ("auto", *FAMILIES)  # cache.kernel
 
 def fused_kernel(tokens: int, family: str = "auto") -> str:
     """The build that multiplies `tokens` tokens: `family`'s (cache.kernel), or with "auto" what
-    CODECLLM_LUT3_KERNEL names, else the lane family. Past MAX_TOKENS: the wide build, ballot's if the choice is
-    ballot's, else lane's (the only two with wide builds)."""
+    CODECLLM_LUT3_KERNEL names, else the lane family. Past MAX_TOKENS: the family's wide build where it has one
+    (_WIDE_BUILDS), else lane's."""
     choice = _FUSED_CHOICE if family == "auto" else family
     base = choice if choice in FUSED_KERNELS else FAMILIES["lane" if choice == "auto" else choice]
     if tokens > MAX_TOKENS:
-        return "lut3_gemvb" if base.startswith("lut3_gemvb") else "lut3_gemv"
+        wide = base.removesuffix("72")
+        return wide if wide.removeprefix("lut3_") in _WIDE_BUILDS else "lut3_gemv"
     if choice in FUSED_KERNELS:
         return choice
     return base if tokens <= 2 else f"{base}72"
