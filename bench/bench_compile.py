@@ -30,6 +30,9 @@ of every arm, the order rotated), so every ratio compares generations that ran s
                      fused_compiled with cache.kernel=lane|ballot|chunk|prefetch (the fused kernel's families): an
                      A/B of the kernels inside the whole model; each family's logits must equal fused_compiled's and
                      fused_lane_compiled's (the same arithmetic), and speeds are paired against both
+  fused_pdl_compiled, fused_pdl_ref_compiled
+                     fused_compiled and its reference with cache.pdl=true (programmatic dependent launch: a launch
+                     may start while the kernel before it finishes); the logits must equal fused_compiled's
   (the fused_* arms compile in Inductor's deterministic mode, as the harness compiles a phase with an exactness
   reference: harness.generation.deterministic_compile)
   block_*_emb        the same with the (untied) embedding table compressed too
@@ -196,6 +199,9 @@ FUSED_ARMS = {
     "fused_ballot_compiled": (True, False, {"kernel": "ballot"}),
     "fused_chunk_compiled": (True, False, {"kernel": "chunk"}),
     "fused_prefetch_compiled": (True, False, {"kernel": "prefetch"}),
+    # programmatic dependent launch (cache.pdl), paired with fused_compiled; its logits must equal fused_compiled's
+    "fused_pdl_compiled": (True, False, {"pdl": True}),
+    "fused_pdl_ref_compiled": (True, True, {"pdl": True}),
 }
 ARMS = ("dense_eager", "dense_compiled", "dense_compiled_ref", *BLOCK_ARMS, *FUSED_ARMS)
 
@@ -343,7 +349,7 @@ def main() -> None:
             name: outs.get(name)
             for name in ("dense_compiled", "dense_eager", "dense_compiled_ref", "fused_ref_compiled",
                          "fused_sliced_ref_compiled", "fused_wide_ref_compiled", "fused_compiled",
-                         "fused_lane_compiled")  # fmt: skip
+                         "fused_lane_compiled", "fused_pdl_ref_compiled")  # fmt: skip
         }
         for arm in arms:
             model, compile_, rt = models[arm]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fused tables of docs/fused.md, one GPU:
-#   bash bench/fused_table.sh [kernel|families|families-8b|prefill-8b|prefill-1b|cli-8b|1b|8b|all] [out-dir]
+#   bash bench/fused_table.sh [kernel|families|families-8b|prefill-8b|prefill-1b|pdl-8b|cli-8b|1b|8b|all] [out-dir]
 # kernel: bench/lut3_kernel.py (every matrix shape against cuBLAS and the exactness reference, M=1 and 8, with the
 #         diagnostic variants that split the time);
 # families: the same on the 8B matrices (and 1B's gate/up) at 4/8/16 warps, every build of every kernel family
@@ -11,6 +11,8 @@
 #         the default (cache.prefill_tokens=32: one launch of the wide build per layer, no decode) with its exactness
 #         reference, and the decode route (prefill_tokens=0: each layer decoded for F.linear). 8B: 3 paired rounds
 #         (~6 min), then bench/prefill_host.py's forward and one-token arms (~2 min); 1B: 7 rounds (~2 min).
+# pdl-8b: programmatic dependent launch (cache.pdl=true) against plain launches in the whole 8B model, b=1, 64 tokens,
+#         7 paired rounds with dense compiled (~5 min); fused_pdl_compiled's logits must equal fused_compiled's.
 # cli-8b: issue 12's end-to-end check through the CLI: experiment=fused on the 8B shape, compiled, baseline and
 #         paired rounds included (results.json and the log under <out-dir>/cli_8b; no artifact cache: 11.6 GB).
 # 1b/8b:  bench/bench_compile.py, one process per shape: dense compiled, block compiled (decompress-then-matmul),
@@ -39,6 +41,10 @@ fi
 if [[ "$which" == prefill-1b ]]; then
   python bench/bench_compile.py --shape llama_1b --batch 1 --tokens 64 --rounds 7 --split \
     --arms dense_compiled fused_decoded_compiled fused_compiled fused_ref_compiled --out "$out/fused_prefill_1b.jsonl"
+fi
+if [[ "$which" == pdl-8b ]]; then
+  python bench/bench_compile.py --shape llama_8b --batch 1 --tokens 64 --rounds 7 --split \
+    --arms dense_compiled fused_compiled fused_pdl_compiled --out "$out/fused_pdl_8b.jsonl"
 fi
 if [[ "$which" == cli-8b ]]; then
   python -m harness experiment=fused model=llama_8b_synthetic generate.compile=true logger=none \

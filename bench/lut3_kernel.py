@@ -107,6 +107,13 @@ def bench_matrix(name: str, n: int, k: int, ms: list[int], warps_list: list[int]
             row["diag1_us"] = 1e6 * graph_time_s(
                 [(lambda q=q, wp=best["warps"], x=x: lut3_cuda.gemv(x, q, warps=wp, kernel="lut3_diag1")) for q in packs]
             )
+        if lut3_cuda.pdl_supported(x.device):
+            # the default build and warps back to back as the model runs them, plain and with programmatic
+            # dependent launch (cache.pdl): there a launch may start while the one before it finishes
+            for key, pdl in (("default_us", False), ("default_pdl_us", True)):
+                row[key] = 1e6 * graph_time_s([(lambda q=q, x=x, pdl=pdl: lut3_cuda.gemv(x, q, pdl=pdl)) for q in packs])
+            row["default_pdl_eq_plain"] = bool(torch.equal(lut3_cuda.gemv(x, p, pdl=True), lut3_cuda.gemv(x, p)))
+            row["default_pdl_gbps_compressed"] = comp_bytes / (row["default_pdl_us"] / 1e6) / 1e9
         refs = [lut3_cuda.reference_inputs(d) for d in dense[:2]]
         t_ref = graph_time_s(
             [(lambda r=r, x=x, wp=best["warps"]: lut3_cuda.reference_gemv(x, r, warps=wp)) for r in refs * 2]

@@ -55,6 +55,8 @@ CASES = {
                                               "to slice, also give cache.prefill_tokens=0 (its default is 32)", False),
     "fused_kernel_unknown": (["cache=fused", "compress.codec=fused_lut3", "cache.kernel=fast"],
                              "cache.kernel='fast' is invalid; valid: auto, lane, ballot, chunk, prefetch", False),
+    "fused_pdl_not_a_boolean": (["cache=fused", "compress.codec=fused_lut3", "cache.pdl=sometimes"],
+                                "cache.pdl='sometimes' is invalid; give true", False),
     "lut3_with_a_float32_model": (["compress.codec=fused_lut3", "model.dtype=float32"],
                                   "compress.codec=fused_lut3 stores bfloat16 weights only, not float32", False),
 }

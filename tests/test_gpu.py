@@ -466,6 +466,42 @@ def test_every_kernel_family_gives_the_same_logits_through_the_policy(captured):
 
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
+@pytest.mark.parametrize("captured", [False, True])
+def test_pdl_launches_give_the_same_logits_and_counts(captured):
+    """cache.pdl=true: every kernel launch may overlap the one before it (programmatic dependent launch) and waits
+    for its input in the kernel. The logits and the in-kernel counts equal those of plain launches bit for bit,
+    eager and compiled (a launch that read x or wrote y too early would not), and the exactness reference, launched
+    the same way, holds."""
+    from harness.exactness import exactness_reference
+    from harness.fused import lut3_cuda
+    from harness.phases.module import GenerationModule
+
+    if not lut3_cuda.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    loaded, prompts, n = _lut3_llama("wide"), ["Hi", "The capital of France is"], 6
+    outs, counts = {}, {}
+    for pdl in (False, True):
+        model, runtime = _fused(loaded, captured=captured, pdl=pdl)
+        assert runtime.policy.pdl is pdl
+        for _ in range(2 if captured else 1):  # compiled: the second generation replays the graphs
+            runtime.reset_stats()
+            outs[pdl] = greedy_generate(model, loaded.tokenizer, prompts, n, n, compile=captured,
+                                        deterministic=captured)  # fmt: skip
+            runtime.end_generation()
+        counts[pdl] = runtime.stats.snapshot()["in_kernel_decodes_per_pass"]
+        if not captured:  # the prepared launches are the extended ones exactly when pdl is on
+            launches = [launch for g in runtime.policy._gemv.values() for launch in g._launches.values()]
+            assert launches and all((launch._config is not None) is pdl for launch in launches)
+        module = GenerationModule(model, loaded.tokenizer, n, n, compile=captured)
+        assert exactness_reference(module, runtime, prompts, outs[pdl]) is True
+        module.close()  # the compiled graphs are released by exactness_reference
+        runtime.close()
+    assert counts[True] == counts[False] and sum(counts[True]) > 0
+    assert torch.equal(outs[True].logits, outs[False].logits)
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1)
 @pytest.mark.parametrize("options", [{"prefill_slices": 4, "prefill_tokens": 0}, {}], ids=["sliced", "default"])
 def test_fused_prefill_runs_the_prompt_in_the_kernel_on_cuda(options):
     """cache.prefill_slices: a prompt of up to 8 x S tokens goes through the kernel 8 tokens a launch; the default

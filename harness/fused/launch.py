@@ -17,6 +17,27 @@ import torch
 
 PTR, INT = object(), object()  # argument slots set per call: a tensor's address, a C int
 _driver = None
+_driver_ex = None
+# cuLaunchKernelEx's attribute that lets a launch overlap the kernel before it on the stream (programmatic dependent
+# launch, compute capability 9.0+); the kernel itself waits for that kernel's results (lut3_kernel.cu: pdl_wait)
+PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class LaunchAttribute(ctypes.Structure):
+    """cuda.h's CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union (its first int used here)."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """cuda.h's CUlaunchConfig."""
+
+    _fields_ = [
+        *[(f, ctypes.c_uint) for f in ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem")],
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
 
 
 def _current_stream() -> int:
@@ -37,14 +58,29 @@ def _cu_launch_kernel():
     return _driver
 
 
+def _cu_launch_kernel_ex():
+    global _driver_ex
+    if _driver_ex is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        fn.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _driver_ex = fn
+    return _driver_ex
+
+
 class Launch:
     """One kernel at one grid, block and shared-memory size, with its arguments. `args`: ints (C ints), tensors
-    and `ctypes.c_void_p` (fixed addresses), or PTR / INT, whose values `__call__` takes in order."""
+    and `ctypes.c_void_p` (fixed addresses), or PTR / INT, whose values `__call__` takes in order. `pdl`: launch
+    with programmatic dependent launch (cuLaunchKernelEx), only for a kernel that waits for its inputs itself."""
 
     def __init__(self, kernel, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
-                 args: list) -> None:  # fmt: skip
+                 args: list, pdl: bool = False) -> None:  # fmt: skip
         self._func = kernel.func
         self._dims = (*grid, *block, shared_mem)
+        self._config = None
+        if pdl:
+            self._attr = LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            self._config = LaunchConfig(*grid, *block, shared_mem, None, ctypes.pointer(self._attr), 1)
         self._cells, self._vary = [], []  # the cells keep the values the array points at alive
         for a in args:
             if a is PTR or a is INT:
@@ -65,7 +101,11 @@ class Launch:
         """Launch on the current stream (recorded, like any launch, when the stream is capturing a CUDA graph)."""
         for cell, v in zip(self._vary, values, strict=True):
             cell.value = v.data_ptr() if isinstance(v, torch.Tensor) else v
-        rc = _cu_launch_kernel()(self._func, *self._dims, _current_stream(), self._argv, None)
+        if self._config is None:
+            rc = _cu_launch_kernel()(self._func, *self._dims, _current_stream(), self._argv, None)
+        else:
+            self._config.stream = _current_stream()
+            rc = _cu_launch_kernel_ex()(ctypes.byref(self._config), self._func, self._argv, None)
         if rc:
             from torch.cuda._utils import _check_cuda
 

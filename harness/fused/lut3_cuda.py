@@ -158,12 +158,20 @@ def shared_bytes(name: str, warps: int) -> int:
     return SMEM_PER_WARP_BYTES * groups * warps
 
 
-def _prepared(name: str, tiles: int, warps: int, args: list) -> Launch:
-    return Launch(kernels()[name], (tiles, 1, 1), (32 * warps, 1, 1), shared_bytes(name, warps), args)
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (cache.pdl) needs compute capability 9.0 (Hopper) or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _launch(name: str, tiles: int, warps: int, args: list) -> None:
-    _prepared(name, tiles, warps, args)()
+def _prepared(name: str, tiles: int, warps: int, args: list, pdl: bool = False) -> Launch:
+    # pdl only for the GEMV builds: they wait for their input themselves (lut3_kernel.cu: pdl_wait); the decode
+    # does not, so it is always launched after the kernel before it has finished
+    return Launch(kernels()[name], (tiles, 1, 1), (32 * warps, 1, 1), shared_bytes(name, warps), args,
+                  pdl=pdl and name != "lut3_decode")  # fmt: skip
+
+
+def _launch(name: str, tiles: int, warps: int, args: list, pdl: bool = False) -> None:
+    _prepared(name, tiles, warps, args, pdl)()
 
 
 class Gemv:
@@ -171,11 +179,11 @@ class Gemv:
     `Gemv(...)(x2d)` is `x2d @ W.T` for M <= 32 (past 8: the wide build) with a few microseconds of host time, for
     the eager paths that run per layer (a short prefill, in one launch or in 8-token slices; the eager runtime).
     `ptrs`: `addresses(p)`; `lut`: `p.lut_words()`; `counter`: the address of the int64 the kernel adds 1 to per
-    launch."""
+    launch; `pdl`: launched with programmatic dependent launch (cache.pdl)."""
 
     def __init__(self, ptrs: list[int], lut: list[int], n: int, k: int, counter: int, warps: int | None = None,
-                 family: str = "auto"):  # fmt: skip
-        self.n, self.k, self._warps, self._family = n, k, warps, family
+                 family: str = "auto", pdl: bool = False):  # fmt: skip
+        self.n, self.k, self._warps, self._family, self._pdl = n, k, warps, family, pdl
         self.tiles, self.iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
         self._args = [PTR, INT, k, *ptrs, *lut, PTR, n, self.iters, ctypes.c_void_p(counter)]
         self._launches: dict[int, Launch] = {}
@@ -184,7 +192,8 @@ class Gemv:
         t = _template(m)
         if t not in self._launches:
             warps = self._warps or warps_per_tile(self.tiles, self.iters, t)  # one count per template (see there)
-            self._launches[t] = _prepared(f"{fused_kernel(t, self._family)}_m{t}", self.tiles, warps, self._args)
+            self._launches[t] = _prepared(f"{fused_kernel(t, self._family)}_m{t}", self.tiles, warps, self._args,
+                                          self._pdl)  # fmt: skip
         return self._launches[t]
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -194,13 +203,13 @@ class Gemv:
         return y
 
 
-def _gemv_launch(kernel: str, x2d, n: int, ptrs: list[int], lut: list[int], counter, warps=None):
+def _gemv_launch(kernel: str, x2d, n: int, ptrs: list[int], lut: list[int], counter, warps=None, pdl=False):
     """The one launch of the fused kernel, shared by `gemv` and the op. `ptrs`: `addresses(p)`."""
     m, k = x2d.shape
     tiles, iters = -(-n // lut3.TILE_ROWS), k // lut3.ITER_K
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
     _launch(f"{kernel}_m{_template(m)}", tiles, warps or warps_per_tile(tiles, iters, m),
-            [x2d, m, k, *ptrs, *lut, y, n, iters, counter])  # fmt: skip
+            [x2d, m, k, *ptrs, *lut, y, n, iters, counter], pdl)  # fmt: skip
     return y
 
 
@@ -210,14 +219,15 @@ def gemv(
     counter: torch.Tensor | None = None,
     warps: int | None = None,
     kernel: str | None = None,
+    pdl: bool = False,
 ):
     """x2d @ W.T for M <= 32 tokens (past 8: the wide build), W decoded in registers. `counter` (int64, one
     element) counts launches. `kernel`: fused_kernel(M) unless named; "lut3_diag1" is the bench's diagnostic
-    variant (escapes left undecoded: wrong results on purpose)."""
+    variant (escapes left undecoded: wrong results on purpose). `pdl`: programmatic dependent launch."""
     _check(x2d, p.shape[1])
     counter = counter if counter is not None else _scratch_counter(x2d.device)
     kernel = kernel or fused_kernel(x2d.shape[0])
-    return _gemv_launch(kernel, x2d, p.shape[0], addresses(p), list(p.lut_words()), counter, warps)
+    return _gemv_launch(kernel, x2d, p.shape[0], addresses(p), list(p.lut_words()), counter, warps, pdl)
 
 
 @dataclass
@@ -240,7 +250,8 @@ def reference_inputs(weight: torch.Tensor) -> Reference:
     return Reference((n, k), tiles, iters, lut3._stream_view(raw, tiles, iters).reshape(-1).contiguous())
 
 
-def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | None = None, warps: int | None = None):
+def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | None = None, warps: int | None = None,
+                   pdl: bool = False):  # fmt: skip
     m, k = x2d.shape
     n = ref.shape[0]
     _check(x2d, k)
@@ -248,7 +259,7 @@ def reference_gemv(x2d: torch.Tensor, ref: Reference, counter: torch.Tensor | No
     counter = counter if counter is not None else _scratch_counter(x2d.device)
     warps = warps or warps_per_tile(ref.tiles, ref.iters, m)
     _launch(f"lut3_ref_m{_template(m)}", ref.tiles, warps,
-            [x2d, m, k, *address(ref.raw), y, n, ref.iters, counter])  # fmt: skip
+            [x2d, m, k, *address(ref.raw), y, n, ref.iters, counter], pdl)  # fmt: skip
     return y
 
 
@@ -298,13 +309,15 @@ def _scratch_counter(device: torch.device) -> torch.Tensor:
 
 @torch.library.custom_op("codecllm::lut3_linear", mutates_args=("counts",))
 def lut3_linear(
-    x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int, family: str = "auto"
+    x2d: torch.Tensor, ptrs: list[int], lut: list[int], n: int, counts: torch.Tensor, slot: int, family: str = "auto",
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x2d @ W.T (W in lut3 at `ptrs` = addresses(p), M <= 32 tokens) by `family`'s build (`fused_kernel`); adds 1
-    to counts.view(-1)[slot] on the device. The weights are addresses, not tensors: see `address`."""
-    return _gemv_launch(fused_kernel(x2d.shape[0], family), x2d, n, ptrs, lut, counts.view(-1)[slot:])
+    to counts.view(-1)[slot] on the device. The weights are addresses, not tensors: see `address`. `pdl`: launched
+    with programmatic dependent launch (cache.pdl)."""
+    return _gemv_launch(fused_kernel(x2d.shape[0], family), x2d, n, ptrs, lut, counts.view(-1)[slot:], pdl=pdl)
 
 
 @lut3_linear.register_fake
-def _lut3_linear_fake(x2d, ptrs, lut, n, counts, slot, family="auto"):
+def _lut3_linear_fake(x2d, ptrs, lut, n, counts, slot, family="auto", pdl=False):
     return x2d.new_empty((x2d.shape[0], n))

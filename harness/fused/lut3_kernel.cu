@@ -117,6 +117,23 @@ __device__ __forceinline__ void window_from_chunk(u32 chunk, int cb, int pos, co
   }
 }
 
+// Programmatic dependent launch (sm_90+; lut3_cuda.py launches with it when cache.pdl is on). The GEMV's weights,
+// tables and escape offsets never change, so a launch may start, and load its first weights, while the kernel
+// before it is still running: only x (that kernel's output) and the writes must wait for it, and `pdl_wait` sits
+// before the first. `pdl_release` lets the next such launch be scheduled as soon as every block of this one runs.
+// Without the launch attribute both return at once: the same code serves either launch.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // 32 weights of one lane and iteration -> 16 bf16x2 registers (A fragments of 4 k-steps), escapes included.
 // RARE: the lane has more than WINDOW escapes; their exponents come from the list byte by byte.
 template <bool RARE>
@@ -348,6 +365,7 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
   // no register copies between iterations; an iteration's escape window is located just before its decode.
   Buf a, b;
   const size_t l0 = ((size_t)tile * I + it0) * 32 + lane;
+  pdl_release();
   if (it0 < it1) {
     fetch<FUSED>(a, l0, lanes_total, sm, codes, raw);
     if (CHUNK) {
@@ -355,6 +373,7 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, int M, int K, co
       a.chunk = chunk_word(esc_exp, esc_pos, lane, words);
     }
   }
+  pdl_wait();  // everything above reads the weights alone; x, y and the counter come after the kernel before
   for (int it = it0; it < it1; it += 2) {
     const size_t la = l0 + (size_t)(it - it0) * 32;
     if (FUSED) prefetch_l2<PF>(lane, it, it1, tile, I, lanes_total, sm, codes);

@@ -65,6 +65,8 @@ def check_kernel(kernel: str) -> None:
 # up to 32 tokens. Paired against the decode route (0) it was faster at both shapes on an H100 (8B b=1: 1.024x,
 # 1B b=1: 1.064x) with logits equal to its own reference (docs/fused.md).
 PREFILL_TOKENS = lut3_cuda.WIDE_TOKENS  # 32
+# cache.pdl's default: plain launches until programmatic dependent launch is measured in the whole model
+PDL = False
 
 
 def check_prefill(prefill_slices: object, prefill_tokens: object) -> None:
@@ -80,6 +82,13 @@ def check_prefill(prefill_slices: object, prefill_tokens: object) -> None:
         raise HarnessError(f"cache.prefill_slices={prefill_slices} and cache.prefill_tokens={prefill_tokens} both "
                            f"route a prefill through the kernel; to slice, also give cache.prefill_tokens=0 (its "
                            f"default is {PREFILL_TOKENS})")  # fmt: skip
+
+
+def check_pdl(pdl: object) -> None:
+    """cache.pdl: launch the kernel with programmatic dependent launch (a boolean)."""
+    if not isinstance(pdl, bool):
+        raise HarnessError(f"cache.pdl={pdl!r} is invalid; give true (each kernel launch may start while the kernel "
+                           "before it finishes; compute capability 9.0+) or false")  # fmt: skip
 
 
 def refuse_transposed(names: list[str]) -> None:
@@ -120,7 +129,8 @@ def _lut3_dense_fake(signman, codes, esc_exp, esc_off, exponents, n, k, counts, 
 
 
 @torch.library.custom_op("codecllm::lut3_reference_linear", mutates_args=("counter",))
-def lut3_reference_linear(x2d: torch.Tensor, raw: list[int], n: int, iters: int, counter: torch.Tensor) -> torch.Tensor:
+def lut3_reference_linear(x2d: torch.Tensor, raw: list[int], n: int, iters: int, counter: torch.Tensor,
+                          pdl: bool = False) -> torch.Tensor:  # fmt: skip
     """x2d @ W.T by the lut3 kernel fed the uncompressed W (lut3_cuda.reference_gemv; `raw`: the address of W in
     the kernel's stream order), as an op like lut3_linear, so that torch.compile treats the reference run exactly
     as the compressed one. `counter`: a launch count, given so that no scratch tensor is created inside a capture."""
@@ -128,12 +138,12 @@ def lut3_reference_linear(x2d: torch.Tensor, raw: list[int], n: int, iters: int,
     tiles = -(-n // lut3.TILE_ROWS)
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x2d.device)
     lut3_cuda._launch(f"lut3_ref_m{lut3_cuda._template(m)}", tiles, lut3_cuda.warps_per_tile(tiles, iters, m),
-                      [x2d, m, x2d.shape[1], *raw, y, n, iters, counter])  # fmt: skip
+                      [x2d, m, x2d.shape[1], *raw, y, n, iters, counter], pdl)  # fmt: skip
     return y
 
 
 @lut3_reference_linear.register_fake
-def _lut3_reference_linear_fake(x2d, raw, n, iters, counter):
+def _lut3_reference_linear_fake(x2d, raw, n, iters, counter, pdl=False):
     return x2d.new_empty((x2d.shape[0], n))
 
 
@@ -153,11 +163,15 @@ class Fused(CachePolicy):
     computes_linear = True
 
     def __init__(self, runtime: CompressedRuntime, prefill_slices: int = 0, kernel: str = "auto",
-                 prefill_tokens: int = PREFILL_TOKENS) -> None:  # fmt: skip
+                 prefill_tokens: int = PREFILL_TOKENS, pdl: bool = PDL) -> None:  # fmt: skip
         check_prefill(prefill_slices, prefill_tokens)
         check_kernel(kernel)
+        check_pdl(pdl)
         super().__init__(runtime)
         self.kernel = kernel  # the fused kernel's family (lut3_cuda.fused_kernel): one policy, one family
+        # Programmatic dependent launch where the GPU has it (below 9.0 the launches are plain ones, as with false):
+        # it changes when a launch starts, never what it computes, so the reference takes the same setting.
+        self.pdl = pdl and lut3_cuda.pdl_supported(runtime.device)
         # The most tokens a forward multiplies in the kernel: a decode step's 8, or with prefill_slices a prefill of
         # up to 8 x prefill_slices, 8 tokens a launch, instead of decoding every layer for cuBLAS: each launch reads
         # only the compressed bytes, and the eager decode's per-layer host work (the 8B prefill's cost:
@@ -188,7 +202,7 @@ class Fused(CachePolicy):
                 self._ptrs[layer.index] = lut3_cuda.addresses(p)
                 counter = self._counts.data_ptr() + slot * self._counts.element_size()
                 self._gemv[layer.index] = lut3_cuda.Gemv(self._ptrs[layer.index], self._lut[layer.index], *p.shape,
-                                                         counter, family=kernel)  # fmt: skip
+                                                         counter, family=kernel, pdl=self.pdl)  # fmt: skip
                 self._decode[layer.index] = lut3_cuda.Decode(p)
         self._tiles = [-(-layer.ct.shape[0] // lut3.TILE_ROWS) if layer.index in self._packed else 0
                        for layer in runtime.layers]  # fmt: skip
@@ -229,11 +243,11 @@ class Fused(CachePolicy):
         if self._reference is not None:
             ref = self._reference[layer.index]
             return torch.ops.codecllm.lut3_reference_linear(x2d, self._ref_ptrs[layer.index], n, ref.iters,
-                                                            self._ref_counter)  # fmt: skip
+                                                            self._ref_counter, self.pdl)  # fmt: skip
         if not torch.compiler.is_compiling():  # eager: the same launch as the op's, prepared (see __init__)
             return self._gemv[layer.index](x2d)
         return torch.ops.codecllm.lut3_linear(x2d, self._ptrs[layer.index], self._lut[layer.index], n, self._counts,
-                                              self._slot[layer.index], self.kernel)  # fmt: skip
+                                              self._slot[layer.index], self.kernel, self.pdl)  # fmt: skip
 
     # -- pass boundaries (Python, between graph replays) --------------------------------------------------------
     def begin_pass(self) -> None:
