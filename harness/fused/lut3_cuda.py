@@ -164,10 +164,9 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 def _prepared(name: str, tiles: int, warps: int, args: list, pdl: bool = False) -> Launch:
-    # pdl only for the GEMV builds: they wait for their input themselves (lut3_kernel.cu: pdl_wait); the decode
-    # does not, so it is always launched after the kernel before it has finished
-    return Launch(kernels()[name], (tiles, 1, 1), (32 * warps, 1, 1), shared_bytes(name, warps), args,
-                  pdl=pdl and name != "lut3_decode")  # fmt: skip
+    # pdl: the GEMV and reference builds only, which wait for their input themselves (lut3_kernel.cu: pdl_wait);
+    # the decode (Decode) does not, and is always launched plainly
+    return Launch(kernels()[name], (tiles, 1, 1), (32 * warps, 1, 1), shared_bytes(name, warps), args, pdl=pdl)
 
 
 def _launch(name: str, tiles: int, warps: int, args: list, pdl: bool = False) -> None:
